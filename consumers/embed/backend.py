@@ -1,0 +1,33 @@
+"""What an embedding backend is to the batcher: texts in, one vector per text out.
+
+Backends know nothing about deliveries; the batcher feeds them texts gathered from many
+concurrent handler runs, so one call serves many tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+#: One embedding, 1-D float32 (what pgvector's asyncpg codec writes without a copy).
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    vectors: list[Vector]
+    #: Input tokens the provider billed for the whole call; None when it is free (local).
+    tokens: int | None
+
+
+class EmbedBackend(Protocol):
+    #: Model used when a request names none.
+    default_model: str
+
+    async def __call__(self, texts: Sequence[str], model: str) -> BatchOutput: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,131 @@
+"""``mlpipe search``: similarity search from the command line.
+
+    mlpipe search "how do rockets reach orbit" [--limit 5] [--platform youtube] [--type transcript]
+    mlpipe search "the part about fuel" --share SHARE     # within one share (timestamps shown)
+    mlpipe search --share SHARE                           # shares similar to SHARE
+
+The query is embedded with the model the stored vectors were made with: the API model when
+``MLPIPE_OPENAI_API_KEY`` is set, else the local one (``--backend``/``--model`` override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+
+from mlpipe.contract.models import ContentType, EmbeddingType
+from mlpipe.search import Hit, ShareNotEmbedded, VectorLike, search, similar_to_share
+from mlpipe.settings import Settings
+
+from .api import ApiEmbedder
+from .backend import EmbedBackend
+from .local import LocalEmbedder
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+SNIPPET = 160
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments ``run_search`` reads."""
+    parser.add_argument("query", nargs="?",
+                        help="text to search for; leave out (with --share) for similar shares")
+    parser.add_argument("--share", help="with a query: search this share only; "
+                                        "without: find shares similar to it")
+    parser.add_argument("--limit", type=int, default=10, help="hits to show (default 10)")
+    parser.add_argument("--platform", help="only content from this platform")
+    parser.add_argument("--type", dest="content_type", choices=[c.value for c in ContentType],
+                        help="only this content type")
+    parser.add_argument("--embedding-type", choices=[e.value for e in EmbeddingType],
+                        help="only this embedding type (default: any; similar shares: content)")
+    parser.add_argument("--backend", choices=["api", "local"],
+                        help="model family the vectors were made with (default: api when an "
+                             "API key is configured, else local)")
+    parser.add_argument("--model", help="model name as stored (overrides --backend's default)")
+    parser.add_argument("--json", action="store_true", help="hits as a JSON array")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlpipe search", description=__doc__.splitlines()[0])
+    add_search_arguments(parser)
+    return parser
+
+
+async def run_search(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    settings = settings or Settings()
+    query: str | None = getattr(args, "query", None)
+    share: str | None = getattr(args, "share", None)
+    limit: int = getattr(args, "limit", 10)
+    if not query and not share:
+        print("mlpipe search: give a query text, --share SHARE, or both", file=sys.stderr)
+        return EXIT_USAGE
+    if not 1 <= limit <= 1000:
+        print("mlpipe search: --limit must be between 1 and 1000", file=sys.stderr)
+        return EXIT_USAGE
+    backend = _backend(settings, getattr(args, "backend", None))
+    model: str = getattr(args, "model", None) or backend.default_model
+    content_type = getattr(args, "content_type", None) or getattr(args, "type", None)
+    conn = await _connect(settings)
+    try:
+        if query:
+            async def embed(texts: list[str]) -> Sequence[VectorLike]:
+                return (await backend(texts, model)).vectors
+
+            hits = await search(conn, query, embedder=embed, limit=limit, share_id=share,
+                                platform=getattr(args, "platform", None),
+                                content_type=content_type,
+                                embedding_type=getattr(args, "embedding_type", None),
+                                model=model)
+        else:
+            assert share is not None
+            hits = await similar_to_share(
+                conn, share, limit=limit, model=model,
+                embedding_type=getattr(args, "embedding_type", None) or "content",
+                platform=getattr(args, "platform", None), content_type=content_type)
+    except ShareNotEmbedded as exc:
+        print(f"mlpipe search: {exc.args[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        await conn.close()
+        await backend.aclose()
+    _print(hits, as_json=bool(getattr(args, "json", False)))
+    return EXIT_OK
+
+
+def _backend(settings: Settings, wanted: str | None) -> EmbedBackend:
+    use_api = wanted == "api" or (wanted is None and settings.openai_api_key is not None)
+    return ApiEmbedder(settings) if use_api else LocalEmbedder(settings.embedding_model_dir)
+
+
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    schema = settings.database_schema
+    return await asyncpg.connect(
+        settings.database_url, timeout=10,
+        server_settings={"search_path": schema if schema == "public" else f"{schema}, public",
+                         "application_name": "mlpipe-search"})
+
+
+def _print(hits: list[Hit], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False))
+        return
+    if not hits:
+        print("no matches")
+    for hit in hits:
+        when = f" [{_clock(hit.start_s)}-{_clock(hit.end_s)}]" if hit.start_s is not None else ""
+        text = " ".join(hit.chunk_text.split())
+        text = text if len(text) <= SNIPPET else text[:SNIPPET - 1] + "…"
+        title = hit.metadata.get("title")
+        print(f"{hit.similarity:.3f}  {hit.share_id}#{hit.chunk_index}{when}"
+              + (f"  {title}" if title else ""))
+        print(f"       {text}")
+
+
+def _clock(seconds: float | None) -> str:
+    total = int(seconds or 0)
+    hours, rest = divmod(total, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

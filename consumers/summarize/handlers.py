@@ -1,0 +1,128 @@
+"""``summarize_llm`` and ``summarize_video_combined``: one handler shape for both.
+
+Each task type differs only in how its payload becomes a ``Source``; preflight (binary, too
+short), backend choice, fitting to the context, the call and the result are shared. The cost
+estimator runs the same preflight and plan as the handler, so junk is dead-lettered before any
+budget is reserved and the reservation matches the request that is then sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+
+import openai
+
+from consumers._api import backend_for, make_client
+from mlpipe.contract.models import (
+    Backend,
+    SummarizeOptions,
+    SummarizeTask,
+    SummarizeVideoCombinedTask,
+    Task,
+    TaskType,
+)
+from mlpipe.errors import PermanentError
+from mlpipe.handlers import Handler, HandlerResult, Registry, TaskContext
+from mlpipe.settings import Settings
+
+from . import api, local
+from .source import Source, article_source, video_source
+from .tokens import Tokenizers
+
+#: ``options.maxLength`` when the task gives none. maxLength counts *tokens* of the summary
+#: (the API's ``max_tokens``; for the offline backend, tokens of the same tokenizer), because
+#: tokens are what is billed and what the context window is measured in.
+DEFAULT_MAX_LENGTH = 256
+#: Resource names, as handlers find them in ``ctx.resources``.
+CLIENT = "summarize.openai"
+TOKENIZERS = "summarize.tokenizers"
+#: Typical run (the lock lives 1.5x this, renewed while running).
+EXPECTED_RUNTIME_S = 30.0
+#: Slack over the API timeout for fitting, the offline summariser and the call's own overhead.
+TIMEOUT_SLACK_S = 60.0
+
+SummaryTask = SummarizeTask | SummarizeVideoCombinedTask
+ToSource = Callable[[Any], Source]
+
+
+def register(registry: Registry, settings: Settings) -> None:
+    tokenizers = Tokenizers()
+    registry.add_resource(TOKENIZERS, lambda: _tokenizers(tokenizers, settings))
+    registry.add_resource(CLIENT, lambda: _client(settings))
+    for task_type, to_source in ((TaskType.SUMMARIZE_LLM, article_source),
+                                 (TaskType.SUMMARIZE_VIDEO_COMBINED, video_source)):
+        registry.register(task_type, _handler(settings, to_source),
+                          timeout_s=settings.api_timeout_s + TIMEOUT_SLACK_S,
+                          expected_runtime_s=EXPECTED_RUNTIME_S,
+                          estimate_cost=_estimator(settings, tokenizers, to_source))
+
+
+def api_model(settings: Settings, options: SummarizeOptions) -> str:
+    """The deployment's model wins (it is what the budget was planned for); setting
+    ``MLPIPE_SUMMARIZE_API_MODEL`` to an empty string lets each task choose its own."""
+    model = settings.summarize_api_model or options.model
+    if not model:
+        raise PermanentError("no summarisation model: MLPIPE_SUMMARIZE_API_MODEL is empty and "
+                             "the task has no options.model", reason="no_model")
+    return model
+
+
+def _handler(settings: Settings, to_source: ToSource) -> Handler:
+    async def handle(task: SummaryTask, ctx: TaskContext) -> HandlerResult:
+        source = to_source(task.payload)
+        options = task.payload.options
+        max_tokens = options.max_length or DEFAULT_MAX_LENGTH
+        tokenizers: Tokenizers = ctx.resources[TOKENIZERS]
+        if backend_for(task, settings) is Backend.LOCAL:
+            summary = await local.summarize(source, max_tokens, tokenizers)
+        else:
+            model = api_model(settings, options)
+            tokenizer = await tokenizers.for_model_async(model)
+            request = await asyncio.to_thread(api.plan, source, model, max_tokens, tokenizer)
+            summary = await api.summarize(ctx.resources[CLIENT], request, tokenizer, ctx.log)
+        ctx.log.info("summarize.done", backend=summary.backend, model=summary.model,
+                     input_tokens=summary.input_tokens, output_tokens=summary.output_tokens,
+                     truncated=summary.truncated)
+        return summary.result()
+
+    return handle
+
+
+def _estimator(settings: Settings, tokenizers: Tokenizers,
+               to_source: ToSource) -> Callable[[Task], Decimal]:
+    """Runs on the event loop (the budget pre-flight is synchronous): the tokenizer is loaded
+    at daemon start when an API key is configured, and ``api.estimate`` makes one tokenizer
+    pass, about a tenth of a second even for a 2-million-character text."""
+    def estimate(task: Task) -> Decimal:
+        if backend_for(task, settings) is Backend.LOCAL:
+            return Decimal(0)
+        assert isinstance(task, SummarizeTask | SummarizeVideoCombinedTask)
+        source = to_source(task.payload)
+        options = task.payload.options
+        model = api_model(settings, options)
+        return api.estimate(source, model, options.max_length or DEFAULT_MAX_LENGTH,
+                            tokenizers.for_model(model))
+
+    return estimate
+
+
+@asynccontextmanager
+async def _tokenizers(tokenizers: Tokenizers, settings: Settings) -> AsyncIterator[Tokenizers]:
+    """With an API key the synchronous cost estimator will need the vocabulary: load it now,
+    in a thread, rather than stall the event loop on the first paid task."""
+    if settings.openai_api_key is not None:
+        await tokenizers.for_model_async(settings.summarize_api_model)
+    yield tokenizers
+
+
+@asynccontextmanager
+async def _client(settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = make_client(settings)
+    try:
+        yield client
+    finally:
+        await client.close()

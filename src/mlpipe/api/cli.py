@@ -1,0 +1,81 @@
+"""``mlpipe serve``: the read API as a process of its own.
+
+Query texts are embedded with the model the stored vectors were made with, chosen the way
+``mlpipe search`` chooses it: the OpenAI-compatible API when ``MLPIPE_OPENAI_API_KEY`` is set
+(``--backend`` overrides), else the local all-MiniLM-L6-v2 from
+``MLPIPE_EMBEDDING_MODEL_DIR``. Concurrent requests share one micro-batching ``Batcher``, as
+the embed handler does, so the local model runs one inference at a time. The local model is
+loaded before the port opens: a missing model is a start-up error, not a 503 on the first
+search.
+
+Stops on SIGTERM/SIGINT (requests in flight get a few seconds to finish) with exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from collections.abc import Sequence
+
+from mlpipe.search import VectorLike
+from mlpipe.settings import Settings
+
+from .server import ApiConfig, ApiServer
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default: MLPIPE_API_HOST, "
+                                       "127.0.0.1); other than loopback needs API tokens")
+    parser.add_argument("--port", type=int, help="default: MLPIPE_API_PORT, 8080; 0 picks one")
+    parser.add_argument("--backend", choices=["api", "local"],
+                        help="how query texts are embedded (default: api when an API key is "
+                             "configured, else local)")
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from consumers.embed.api import ApiEmbedder
+    from consumers.embed.backend import EmbedBackend
+    from consumers.embed.batcher import Batcher
+    from consumers.embed.local import LocalEmbedder, model_files
+
+    settings = Settings()
+    wanted = getattr(args, "backend", None)
+    use_api = wanted == "api" or (wanted is None and settings.openai_api_key is not None)
+    backend: EmbedBackend
+    if use_api:
+        backend = ApiEmbedder(settings)
+    else:
+        model_files(settings.embedding_model_dir)  # a clear error now, not a 503 per request
+        backend = LocalEmbedder(settings.embedding_model_dir)
+    model = backend.default_model
+    config = ApiConfig.from_settings(settings, host=getattr(args, "host", None),
+                                     port=getattr(args, "port", None), search_model=model)
+    async with Batcher(backend, max_batch=settings.embed_batch_size,
+                       max_wait_s=settings.embed_batch_wait_ms / 1000,
+                       max_concurrent_calls=4 if use_api else 1, name="api.embed") as batcher:
+
+        async def embed(texts: list[str]) -> Sequence[VectorLike]:
+            return await batcher.embed(texts, model=model)
+
+        if not use_api:
+            await embed(["warm-up"])  # loads the model before the port opens
+        async with ApiServer(config, embedder=embed) as server:
+            print(json.dumps({"listening": server.url, "model": model}), flush=True)
+            await _until_signalled()
+    return EXIT_OK
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

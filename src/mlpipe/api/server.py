@@ -1,0 +1,165 @@
+"""The API server: its own asyncpg pool and an aiohttp site, started and closed together.
+
+The pool is the API's own (not the daemon's): ``search_path = <schema>, public`` so mlpipe's
+tables and the pgvector type both resolve, the jsonb codec the rest of mlpipe uses, and
+pgvector's codec registered so vector columns can be read. Start-up fails, with nothing left
+open, when the address is unsafe without tokens, the schema is not migrated, or the port is
+taken.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import asyncpg
+import structlog
+from aiohttp import web
+from pgvector.asyncpg import register_vector
+from pydantic import SecretStr
+
+from mlpipe.search import DEFAULT_MODEL, Embedder
+from mlpipe.settings import Budget, Settings
+
+from .auth import ApiConfigError, TokenSet, ensure_safe_bind
+from .context import ApiContext
+from .dispatch import build_app
+from .openapi import document, render
+
+log = structlog.get_logger("mlpipe.api")
+
+#: Long enough for a 1000-character query of 4-byte characters, percent-encoded, plus filters.
+MAX_REQUEST_LINE = 64 * 1024
+#: How long a stopping server lets requests in flight finish.
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    database_url: str
+    database_schema: str = "public"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    budgets: Mapping[str, Budget] = field(default_factory=dict)
+    budget_action: str = "dead_letter"
+    #: ``ml_embeddings.model`` of the vectors searched; must match the query embedder.
+    search_model: str = DEFAULT_MODEL
+    pool_size: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, host: str | None = None,
+                      port: int | None = None,
+                      search_model: str = DEFAULT_MODEL) -> ApiConfig:
+        """``api_*`` settings are read with defaults so the server runs before they exist."""
+        return cls(
+            database_url=settings.database_url, database_schema=settings.database_schema,
+            host=host if host is not None else str(getattr(settings, "api_host", "127.0.0.1")),
+            port=port if port is not None else int(getattr(settings, "api_port", 8080)),
+            tokens=_plain(getattr(settings, "api_tokens", ())),
+            admin_tokens=_plain(getattr(settings, "api_admin_tokens", ())),
+            budgets=settings.budgets, budget_action=settings.budget_action,
+            search_model=search_model,
+            pool_size=int(getattr(settings, "api_pool_size", 4)))
+
+
+def _plain(tokens: Sequence[SecretStr | str]) -> tuple[str, ...]:
+    return tuple(t.get_secret_value() if isinstance(t, SecretStr) else str(t) for t in tokens)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await register_vector(conn, schema="public")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+async def create_api_pool(config: ApiConfig) -> asyncpg.Pool:
+    schema = config.database_schema
+    search_path = schema if schema == "public" else f"{schema}, public"
+    try:
+        pool = await asyncpg.create_pool(
+            config.database_url, min_size=1, max_size=config.pool_size,
+            init=_init_connection, command_timeout=30,
+            server_settings={"search_path": search_path, "application_name": "mlpipe-api"})
+    except ValueError as exc:  # register_vector: no vector type in public
+        raise ApiConfigError(f"the database has no pgvector extension in public ({exc}): "
+                             "run `mlpipe migrate` first") from exc
+    assert pool is not None
+    return pool
+
+
+class ApiServer:
+    """``async with ApiServer(config, embedder=...) as server: ...``; ``server.url`` is where
+    it listens (with the real port when ``config.port`` is 0)."""
+
+    def __init__(self, config: ApiConfig, *, embedder: Embedder) -> None:
+        self.config = config
+        self._embedder = embedder
+        self._tokens = TokenSet(config.tokens, config.admin_tokens)
+        self.pool: asyncpg.Pool | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        await ensure_safe_bind(self.config.host, self._tokens)
+        if not self._tokens.enabled:
+            log.warning("api.no_tokens", host=self.config.host,
+                        effect="every endpoint, analytics included, answers without a token")
+        try:
+            self.pool = await create_api_pool(self.config)
+            await self._check_schema(self.pool)
+            ctx = ApiContext(pool=self.pool, embedder=self._embedder,
+                             search_model=self.config.search_model,
+                             budgets=self.config.budgets,
+                             budget_action=self.config.budget_action)
+            app = build_app(ctx, self._tokens, render(document()))
+            self._runner = web.AppRunner(app, access_log=None,
+                                         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                                         max_line_size=MAX_REQUEST_LINE)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.config.host, self.config.port)
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
+        self.port = int(self._runner.addresses[0][1])
+        log.info("api.listening", url=self.url, auth=self._tokens.enabled)
+
+    async def _check_schema(self, pool: asyncpg.Pool) -> None:
+        found = await pool.fetchval(
+            "SELECT to_regclass(quote_ident($1) || '.ml_embeddings') IS NOT NULL",
+            self.config.database_schema)
+        if not found:
+            raise ApiConfigError(
+                f"schema {self.config.database_schema!r} has no mlpipe tables: "
+                "run `mlpipe migrate` first")
+
+    async def close(self) -> None:
+        """Stop listening, let requests in flight finish, then close the pool."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()

@@ -1,0 +1,95 @@
+"""Bytes on the wire to validated tasks and back.
+
+Decoding is on every delivery's hot path, so the happy path is a single
+``model_validate_json`` call; only a message that fails is parsed again to say precisely why
+(not JSON, unknown version, unknown task type, or which field is wrong).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from mlpipe.contract.models import MAJOR_VERSION, TASK_MODELS, Task, TaskType
+from mlpipe.errors import ContractError, UnknownTaskType, UnsupportedVersion
+
+#: Bodies above this size are refused before parsing (a contract message is a few KiB; a
+#: transcript-sized ``content.text`` stays far below it).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+_TASK_TYPES = {t.value: t for t in TaskType}
+
+
+def decode(body: bytes) -> Task:
+    """Validate one message body; raise a ``ContractError`` subclass saying why it is refused."""
+    if len(body) > MAX_BODY_BYTES:
+        raise ContractError(
+            f"body is {len(body)} bytes, above the {MAX_BODY_BYTES}-byte limit", reason="too_large"
+        )
+    task_type = _sniff_task_type(body)
+    if task_type is not None:
+        try:
+            return TASK_MODELS[task_type].model_validate_json(body)
+        except ValidationError:
+            pass  # maybe the marker sat inside a text field: the slow path decides
+    return _slow_decode(body)
+
+
+def task_type_of(doc: dict[str, Any]) -> TaskType:
+    raw = doc.get("taskType")
+    if not isinstance(raw, str) or raw not in _TASK_TYPES:
+        raise UnknownTaskType(f"unknown taskType {raw!r}; known: {sorted(_TASK_TYPES)}")
+    return _TASK_TYPES[raw]
+
+
+def encode(task: Task) -> bytes:
+    return task.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+def _sniff_task_type(body: bytes) -> TaskType | None:
+    """Find ``"taskType":"<known>"`` without a full parse; None sends us to the slow path."""
+    for tt, marker in _MARKERS:
+        if marker in body:
+            return tt
+    return None
+
+
+_MARKERS = [(t, f'"taskType":"{t.value}"'.encode()) for t in TaskType] + [
+    (t, f'"taskType": "{t.value}"'.encode()) for t in TaskType
+]
+
+
+def _slow_decode(body: bytes) -> Task:
+    """Parse fully and raise the most specific contract error, or return the task when the
+    fast path merely failed to recognise an unusually formatted but valid message."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ContractError(f"body is not JSON: {type(err).__name__}: {err}"[:300],
+                            reason="not_json") from None
+    if not isinstance(doc, dict):
+        raise ContractError(f"body is JSON {type(doc).__name__}, not an object",
+                            reason="not_object")
+    version = doc.get("version")
+    if not isinstance(version, str) or version.split(".")[0] != str(MAJOR_VERSION):
+        raise UnsupportedVersion(
+            f"unsupported contract version {version!r}; this consumer speaks {MAJOR_VERSION}.x"
+        )
+    task_type = task_type_of(doc)
+    try:
+        return TASK_MODELS[task_type].model_validate_json(body)
+    except ValidationError as err:
+        raise ContractError(
+            f"schema violation: {_summarise(err)}", reason="schema_violation"
+        ) from None
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")

@@ -1,0 +1,100 @@
+"""Locks, stored results and budgets around handler runs: the exactly-once layer.
+
+``Effects`` owns the Postgres pool and the Redis client this layer needs; open it before the
+daemon starts and close it after the daemon stopped::
+
+    async with Effects(settings) as effects:
+        daemon = Daemon(settings, registry, queues, executor=effects.executor)
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from mlpipe.errors import MlpipeError
+from mlpipe.idempotency.lock import LockManager
+from mlpipe.settings import Settings
+from mlpipe.store.pool import create_pool
+
+from .budget import BudgetGuard
+from .executor import EffectsExecutor
+
+
+class Effects:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.redis: aioredis.Redis | None = None
+        self._executor: EffectsExecutor | None = None
+
+    @property
+    def executor(self) -> EffectsExecutor:
+        if self._executor is None:
+            raise RuntimeError("Effects not started")
+        return self._executor
+
+    async def start(self) -> Self:
+        s = self._settings
+        # No client-side retries: redis-py 8 retries with backoff by default, which made one
+        # lock renewal hang ~15 s across a 4 s Redis restart and let the lease lapse. mlpipe's
+        # own policy owns retrying (a renewal retries at its next tick; an acquire becomes a
+        # TransientError and a delayed redelivery).
+        self.redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0,
+                                             socket_connect_timeout=2.0,
+                                             retry=Retry(NoBackoff(), 0))
+        try:
+            self.pool = await create_pool(s.database_url, schema=s.database_schema,
+                                          size=s.database_pool_size)
+        except BaseException:
+            await self.redis.aclose()
+            raise
+        try:
+            await self._check_schema()
+        except BaseException:
+            await self.close()
+            raise
+        locks = LockManager(self.redis, prefix=s.lock_prefix)
+        self._executor = EffectsExecutor(s, self.pool, locks, BudgetGuard(s, self.pool))
+        return self
+
+    async def _check_schema(self) -> None:
+        """Fail at start-up, not on the first delivery, when the schema was never migrated."""
+        assert self.pool is not None
+        found = await self.pool.fetchval(
+            "SELECT to_regclass(quote_ident($1) || '.ml_results') IS NOT NULL",
+            self._settings.database_schema)
+        if not found:
+            raise MlpipeError(
+                f"schema {self._settings.database_schema!r} of MLPIPE_DATABASE_URL has no mlpipe "
+                "tables: run `mlpipe migrate` first")
+
+    async def check_redis(self) -> None:
+        """Readiness: Redis answers."""
+        assert self.redis is not None
+        await self.redis.ping()
+
+    async def check_postgres(self) -> None:
+        """Readiness: Postgres answers."""
+        assert self.pool is not None
+        await self.pool.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()

@@ -1,0 +1,65 @@
+"""Result events and the outbox relay.
+
+A ``completed`` event is written to the outbox in the result's transaction and published
+(confirmed) before the delivery is acked; ``flush`` is also called when a redelivery finds the
+result already stored, which is how an event interrupted by a crash still goes out. Events
+are published without ``mandatory``: nobody has to be listening.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from mlpipe.broker.messages import event_message
+from mlpipe.contract import events
+from mlpipe.contract.models import Task
+from mlpipe.handlers import HandlerResult
+from mlpipe.producer import Producer
+from mlpipe.store import outbox
+from mlpipe.store.pool import DB
+
+
+def completed_event(task: Task, result: HandlerResult, message_id: str | None) -> dict[str, Any]:
+    event = events.ResultEvent(
+        share_id=task.share_id, task_type=task.task_type, status="completed",
+        result_ref=events.ResultRef(share_id=task.share_id, task_type=task.task_type),
+        summary=events.summarize_result(result.data),
+        cost_usd=float(sum((c.usd for c in result.costs), start=0)),
+        correlation_id=task.metadata.correlation_id, traceparent=task.metadata.traceparent,
+        message_id=message_id, occurred_at=time.time())
+    doc: dict[str, Any] = json.loads(event.model_dump_json(by_alias=True, exclude_none=True))
+    return doc
+
+
+async def add_completed(conn: DB, task: Task, result: HandlerResult, exchange: str,
+                        message_id: str | None) -> None:
+    await outbox.add(conn, share_id=task.share_id, task_type=task.task_type.value,
+                     kind="event", exchange=exchange,
+                     routing_key=events.routing_key(task.task_type),
+                     message_id=uuid.uuid4().hex, body=completed_event(task, result, message_id))
+
+
+class OutboxRelay:
+    def __init__(self, pool: asyncpg.Pool, producer: Producer) -> None:
+        self._pool = pool
+        self._producer = producer
+
+    async def flush(self, share_id: str, task_type: str) -> int:
+        """Publish what is still unpublished for this share and task type; raises
+        ``PublishError`` if the broker does not confirm (the delivery then stays unacked)."""
+        pending = await outbox.pending(self._pool, share_id, task_type)
+        done: list[int] = []
+        try:
+            for m in pending:
+                await self._producer.publish_message(
+                    m.exchange, m.routing_key, event_message(m.body, m.message_id, m.headers),
+                    mandatory=m.kind == "task")
+                done.append(m.id)
+        finally:
+            await outbox.mark_published(self._pool, done)
+        return len(done)

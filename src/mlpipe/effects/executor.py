@@ -1,0 +1,179 @@
+"""Exactly-once effects around a handler run.
+
+The order is what makes double-fires cheap and crashes harmless:
+
+1. **lock** ``(taskType, shareId)`` in Redis. Held by another worker for the *same* input
+   from a *different* message: a concurrent duplicate, acked (the holder's own delivery stays
+   unacked until it finishes, and is redelivered if the holder dies: nothing is lost). Held for
+   another input, or by this very message (its earlier delivery's worker died): deferred until
+   the lock frees, without using up retries;
+2. **stored result** with the same input hash (checked under the lock, so a duplicate that
+   raced a just-finished run sees its result): ack without running. ``forceRecompute`` skips
+   this check;
+3. **budget** pre-flight: reserve the estimated cost or refuse;
+4. **handler** under its time limit, the lock renewed meanwhile;
+5. **persist** result + cost entries + reservation release + outbox (result event, follow-up
+   tasks) in one transaction, retried in-process for ``persist_retry_s`` so a Postgres blip
+   does not throw away paid work;
+6. **publish** the outbox (confirmed); a redelivery that finds the result stored does this too,
+   so a crash between commit and publish delays an event but never loses it;
+7. release the lock; the caller acks.
+
+The Postgres unique key on ``(share_id, task_type)`` is the last line behind all of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from mlpipe.contract.models import Task
+from mlpipe.errors import Deferred, PublishError, TransientError
+from mlpipe.handlers import HandlerResult, HandlerSpec, TaskContext
+from mlpipe.idempotency.lock import LockManager
+from mlpipe.observability.metrics import Metrics
+from mlpipe.producer import Producer
+from mlpipe.settings import Settings
+from mlpipe.store import results
+from mlpipe.store.pool import UNAVAILABLE, unavailable_is_transient
+from mlpipe.worker.process import run_handler
+from mlpipe.workflow import video
+from mlpipe.workflow.deadline import DeadlineProcessor
+
+from .budget import BudgetGuard
+from .events import OutboxRelay, add_completed
+
+log = structlog.get_logger(__name__)
+
+#: Lock TTL as a multiple of the handler's expected runtime (renewed while it runs).
+LOCK_TTL_FACTOR = 1.5
+#: Longest wait before a deferred delivery looks at the lock again.
+MAX_DEFER_S = 30.0
+
+
+class EffectsExecutor:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, locks: LockManager,
+                 budget: BudgetGuard) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._locks = locks
+        self._budget = budget
+        self._relay: OutboxRelay | None = None
+        self._events_exchange = ""
+        self._tasks_exchange = ""
+        self._timer: video.Timer | None = None
+
+    def attach(self, producer: Producer, metrics: Metrics) -> None:
+        """Called by the daemon: result events and follow-up tasks leave through its producer;
+        budget checks report to its metrics."""
+        self._relay = OutboxRelay(self._pool, producer)
+        self._events_exchange = producer.topology.events_exchange
+        self._tasks_exchange = producer.topology.tasks_exchange
+        topo = producer.topology
+        tier = round(self._settings.workflow_timeout_s * 1000)
+        self._timer = video.Timer(topo.delay_exchange, topo.workflow_queue, topo.tier_for(tier))
+        self._budget.metrics = metrics
+
+    async def execute(self, task: Task, spec: HandlerSpec,
+                      ctx: TaskContext) -> HandlerResult | None:
+        digest = results.input_hash(task)
+        tt = task.task_type.value
+        ttl = max(1.0, spec.expected_runtime_s * LOCK_TTL_FACTOR)
+        lease = await self._locks.acquire(tt, task.share_id, ttl_s=ttl,
+                                          tag=f"{digest}/{ctx.message_id}")
+        if lease is None:
+            if await self._is_concurrent_duplicate(tt, task.share_id, digest, ctx):
+                ctx.log.info("task.duplicate_in_flight")
+                return None
+            raise Deferred(f"{tt} for {task.share_id} is locked by another run",
+                           reason="lock_contention", delay_s=min(ttl, MAX_DEFER_S))
+        async with lease:
+            async with unavailable_is_transient("workflow check"):
+                if await video.superseded(self._pool, task):
+                    ctx.log.info("task.superseded", why="rich embedding already stored")
+                    return None
+            if not task.payload.options.force_recompute:
+                async with unavailable_is_transient("stored-result check"):
+                    stored = await results.get(self._pool, task.share_id, tt)
+                if stored is not None and stored.input_hash == digest:
+                    ctx.log.info("task.already_done")
+                    await self._flush(task)  # events a crash kept from going out
+                    return None
+            async with unavailable_is_transient("workflow start"):
+                await video.before_run(self._pool, task, self._timer)
+            await self._flush(task)  # the workflow deadline, if one was just armed
+            reservation = await self._budget.reserve(task, spec)
+            started = time.monotonic()
+            try:
+                result = await run_handler(task, spec, ctx, self._settings.handler_timeout_s)
+            except BaseException:
+                await asyncio.shield(self._release_quietly(reservation))
+                raise
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            if lease.lost:
+                ctx.log.warning("task.lock_lost_during_run")
+            await asyncio.shield(self._persist(task, result, digest, elapsed_ms, reservation,
+                                               ctx.message_id))
+            await self._flush(task)
+            return result
+
+    def control_processors(self) -> dict[str, DeadlineProcessor]:
+        """Queues besides the task queues this executor needs consumed: workflow deadlines."""
+        if self._timer is None:
+            return {}
+        return {self._timer.control_queue: DeadlineProcessor(self._settings, self._pool)}
+
+    async def on_dead_letter(self, task: Task, reason: str) -> None:
+        """A task failed for good: let the workflow fall back (transcription -> caption-only)."""
+        async with unavailable_is_transient("workflow fallback"):
+            await video.on_dead_letter(self._pool, task, reason)
+
+    async def _is_concurrent_duplicate(self, task_type: str, share_id: str, digest: str,
+                                       ctx: TaskContext) -> bool:
+        """Ack only a *different* message with the *same* input: its work is fully covered by
+        the holder's own delivery, which stays unacked until done and is redelivered if the
+        holder dies. The holder's own message coming back (same message id: the holder died
+        or lost its channel) must wait for the lock instead, or it would be lost."""
+        holder = await self._locks.holder(task_type, share_id)
+        if holder is None or ctx.message_id is None:
+            return False
+        held_digest, _, held_message = holder.rpartition(":")[2].partition("/")
+        return held_digest == digest and held_message != ctx.message_id
+
+    async def _flush(self, task: Task) -> None:
+        if self._relay is None:
+            return
+        async with unavailable_is_transient("publishing result events"):
+            try:
+                await self._relay.flush(task.share_id, task.task_type.value)
+            except PublishError as exc:
+                raise TransientError(f"result stored, events not confirmed: {exc}",
+                                     reason="event_publish_failed") from exc
+
+    async def _persist(self, task: Task, result: HandlerResult, digest: str, elapsed_ms: int,
+                       reservation: int | None, message_id: str | None) -> None:
+        async with unavailable_is_transient("persisting the result"):
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(UNAVAILABLE),
+                    wait=wait_exponential(multiplier=0.2, max=5),
+                    stop=stop_after_delay(self._settings.persist_retry_s), reraise=True):
+                with attempt:
+                    async with self._pool.acquire() as conn, conn.transaction():
+                        await results.save(conn, task, result, input_hash=digest,
+                                           processing_ms=elapsed_ms,
+                                           correlation_id=task.metadata.correlation_id,
+                                           reservation_id=reservation)
+                        if self._relay is not None:
+                            await add_completed(conn, task, result, self._events_exchange,
+                                                message_id)
+                            await video.on_result(conn, task, result, self._tasks_exchange)
+
+    async def _release_quietly(self, reservation: int | None) -> None:
+        try:
+            await self._budget.release(reservation)
+        except Exception as exc:  # the reservation ages out of its window; spend errs low
+            log.warning("budget.release_failed", reservation=reservation, error=repr(exc))

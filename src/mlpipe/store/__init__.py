@@ -1,0 +1,1 @@
+"""Postgres: migrations, results, the cost ledger (asyncpg)."""

@@ -1,0 +1,41 @@
+"""The transactional outbox (``ml_outbox``): see sql/0005_outbox.sql for why it exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mlpipe.store.pool import DB
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    id: int
+    exchange: str
+    routing_key: str
+    message_id: str
+    body: dict[str, Any]
+    headers: dict[str, Any]
+    kind: str
+
+
+async def add(conn: DB, *, share_id: str, task_type: str, kind: str, exchange: str,
+              routing_key: str, message_id: str, body: dict[str, Any],
+              headers: dict[str, Any] | None = None) -> None:
+    await conn.execute(
+        "INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id, "
+        "body, headers) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        share_id, task_type, kind, exchange, routing_key, message_id, body, headers or {})
+
+
+async def pending(conn: DB, share_id: str, task_type: str) -> list[OutboxMessage]:
+    rows = await conn.fetch(
+        "SELECT id, exchange, routing_key, message_id, body, headers, kind FROM ml_outbox "
+        "WHERE share_id = $1 AND task_type = $2 AND published_at IS NULL ORDER BY id",
+        share_id, task_type)
+    return [OutboxMessage(**dict(r)) for r in rows]
+
+
+async def mark_published(conn: DB, ids: list[int]) -> None:
+    if ids:
+        await conn.execute("UPDATE ml_outbox SET published_at = now() WHERE id = ANY($1)", ids)

@@ -1,0 +1,61 @@
+"""The asyncpg pool and the translation of its failures.
+
+Every connection gets ``search_path = <schema>, public`` (mlpipe's tables in their schema, the
+pgvector extension in ``public``) and a jsonb codec, so the rest of the code passes dicts.
+Connection-level failures become ``TransientError`` here; they are the "Postgres briefly
+down" row of the failure table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from mlpipe.errors import TransientError
+
+#: Anything queries can be run on: a pool, a connection, or a pooled connection.
+DB = asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+#: Failures that mean "the database is not reachable right now", not "the query is wrong".
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> asyncpg.Pool:
+    search_path = schema if schema == "public" else f"{schema}, public"
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=size, init=_init, command_timeout=30,
+        server_settings={"search_path": search_path, "application_name": "mlpipe"},
+    )
+    assert pool is not None
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def unavailable_is_transient(what: str) -> AsyncIterator[None]:
+    """Turn "database unreachable" into ``TransientError`` for the outcome decision."""
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise TransientError(f"{what}: Postgres unavailable: {type(exc).__name__}: {exc}",
+                             reason="postgres_unavailable") from exc

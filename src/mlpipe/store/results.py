@@ -1,0 +1,72 @@
+"""``ml_results``: one row per ``(share_id, task_type)``, the sequential-duplicate guard.
+
+A delivery whose input hash matches the stored row is acked without running the handler; a
+different input (edited content) or ``forceRecompute`` runs again and the upsert replaces the
+row. The result, its cost entries and the release of its budget reservation are written in one
+transaction, and the message is acked only after it committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mlpipe.contract.models import Task
+from mlpipe.handlers import HandlerResult
+from mlpipe.store.pool import DB
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    share_id: str
+    task_type: str
+    input_hash: str | None
+    result_data: dict[str, Any]
+    model_version: str | None
+    processing_ms: int | None
+
+
+def input_hash(task: Task) -> str:
+    """Identity of a task's input: the payload without the options that only steer how it is
+    run (``forceRecompute``), canonically serialised."""
+    payload = task.payload.model_dump(mode="json", by_alias=True, exclude_none=True)
+    payload.get("options", {}).pop("forceRecompute", None)
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+async def get(conn: DB, share_id: str,
+              task_type: str) -> StoredResult | None:
+    row = await conn.fetchrow(
+        "SELECT share_id, task_type, input_hash, result_data, model_version, processing_ms "
+        "FROM ml_results WHERE share_id = $1 AND task_type = $2", share_id, task_type)
+    return StoredResult(**dict(row)) if row else None
+
+
+async def save(conn: DB, task: Task, result: HandlerResult, *,
+               input_hash: str, processing_ms: int, correlation_id: str | None,
+               reservation_id: int | None) -> None:
+    """Upsert the result and record its costs; call inside a transaction."""
+    total = sum((c.usd for c in result.costs), start=0)
+    await conn.execute(
+        """
+        INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
+                                processing_ms, cost_usd)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (share_id, task_type) DO UPDATE SET
+            input_hash = EXCLUDED.input_hash, result_data = EXCLUDED.result_data,
+            model_version = EXCLUDED.model_version, processing_ms = EXCLUDED.processing_ms,
+            cost_usd = EXCLUDED.cost_usd, updated_at = now()
+        """,
+        task.share_id, task.task_type.value, input_hash, result.data, result.model_version,
+        processing_ms, total)
+    if result.costs:
+        await conn.executemany(
+            "INSERT INTO ml_costs (task_type, model, units, unit_kind, usd, share_id, "
+            "correlation_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            [(task.task_type.value, c.model, c.units, c.unit_kind, c.usd, task.share_id,
+              correlation_id) for c in result.costs])
+    if reservation_id is not None:
+        await conn.execute("DELETE FROM ml_cost_reservations WHERE id = $1", reservation_id)

@@ -1,0 +1,146 @@
+"""Consuming one queue: flow control, in-flight bookkeeping and draining.
+
+Each delivery runs in a task owned by this consumer (not by the AMQP channel), so that losing
+the connection does not cancel a half-done handler: it finishes, stores its result, and the
+redelivered copy is then short-circuited by the effects layer. ``prefetch`` bounds how many
+deliveries the broker pushes ahead; ``concurrency`` bounds how many handlers run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from mlpipe.broker.topology import WorkQueue
+from mlpipe.observability.metrics import Metrics
+from mlpipe.settings import QueueTuning
+from mlpipe.worker.outcome import Ack, DeadLetter, Retry
+from mlpipe.worker.process import DeliveryProcessor, Processed
+from mlpipe.worker.settle import Settler
+
+log = structlog.get_logger(__name__)
+
+
+class QueueConsumer:
+    def __init__(self, work_queue: WorkQueue, queue_name: str, tuning: QueueTuning,
+                 processor: DeliveryProcessor, settler: Settler,
+                 on_settled: Callable[[], None], metrics: Metrics) -> None:
+        self.work_queue = work_queue
+        self.queue_name = queue_name
+        self._tuning = tuning
+        self._processor = processor
+        self._settler = settler
+        self._on_settled = on_settled
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(tuning.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._accepting = False
+        #: Deliveries whose handler has started and not yet settled.
+        self.running = 0
+        #: Deliveries received since the current subscription started.
+        self.received = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def consuming(self) -> bool:
+        return self._tag is not None and self._accepting
+
+    async def subscribe(self, channel: AbstractChannel) -> None:
+        """Start consuming on a fresh channel (called on every (re)connect)."""
+        await channel.set_qos(prefetch_count=self._tuning.prefetch)
+        self._queue = await channel.get_queue(self.queue_name, ensure=False)
+        self._accepting = True
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        log.info("consumer.subscribed", queue=self.queue_name, prefetch=self._tuning.prefetch,
+                 concurrency=self._tuning.concurrency)
+
+    def forget_subscription(self) -> None:
+        """The channel is gone (connection lost); in-flight tasks carry on."""
+        self._queue, self._tag = None, None
+
+    def halt(self) -> None:
+        """Start no more handlers from now on (synchronous, so no waiting delivery can slip
+        into a slot between the stop request and the drain)."""
+        self._accepting = False
+
+    async def stop_accepting(self) -> None:
+        """Cancel the subscription so the broker sends nothing more; deliveries that still
+        arrive, and those waiting for a handler slot, are requeued."""
+        self.halt()
+        queue, tag = self._queue, self._tag
+        self._tag = None
+        if queue is not None and tag is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(queue.cancel(tag), timeout=5)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for in-flight deliveries; cancel the rest (their messages
+        go back to the queue). Returns how many were cancelled."""
+        if not self._tasks:
+            return 0
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        return len(pending)
+
+    # --- per delivery -----------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.received += 1
+        task = asyncio.create_task(self._run(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, message: AbstractIncomingMessage) -> None:
+        if not self._accepting:
+            await self._settler.requeue(message)
+            return
+        async with self._slots:
+            if not self._accepting:
+                await self._settler.requeue(message)
+                return
+            self.running += 1
+            in_flight = self._metrics.in_flight.labels(self.queue_name)
+            in_flight.inc()
+            started = time.monotonic()
+            try:
+                done = await self._processor.process(message, self.queue_name)
+            except asyncio.CancelledError:
+                # Shutdown ran out of grace: hand the delivery back, shielded so the nack is
+                # sent even though this task is being cancelled.
+                await asyncio.shield(self._settler.requeue(message))
+                self._metrics.tasks.labels("unknown", self.queue_name, "requeue").inc()
+                raise
+            finally:
+                self.running -= 1
+                in_flight.dec()
+            await asyncio.shield(self._settler.settle(message, done.outcome, self.queue_name))
+            self._record(done, time.monotonic() - started)
+        self._on_settled()
+
+    def _record(self, done: Processed, seconds: float) -> None:
+        m, tt, outcome = self._metrics, done.task_type, done.outcome
+        kind = ("ack" if isinstance(outcome, Ack) else
+                "retry" if isinstance(outcome, Retry) else "dead_letter")
+        m.tasks.labels(tt, self.queue_name, kind).inc()
+        m.duration.labels(tt, self.queue_name).observe(seconds)
+        if isinstance(outcome, Retry):
+            m.retries.labels(tt, outcome.reason).inc()
+        elif isinstance(outcome, DeadLetter):
+            m.dead_letters.labels(tt, outcome.reason).inc()
+        if done.result is not None:
+            for cost in done.result.costs:
+                m.cost.labels(tt, cost.model).inc(float(cost.usd))
+                m.units.labels(tt, cost.unit_kind).inc(cost.units)

@@ -1,0 +1,39 @@
+"""Worker recycling: ML libraries leak, so a worker retires itself before it becomes a problem.
+
+After ``max_tasks`` deliveries or once resident memory passes ``max_rss_mb``, the daemon stops
+taking work, drains, and exits with ``EXIT_RECYCLED``; Kubernetes (``restartPolicy: Always``)
+starts a fresh process. Keep the limits loose enough that a pod recycles less often than every
+ten minutes, or the kubelet's restart back-off starts to delay the restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Current resident set size; /proc on Linux (cheap), peak RSS elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Recycler:
+    def __init__(self, max_tasks: int, max_rss_mb: int) -> None:
+        self._max_tasks = max_tasks
+        self._max_rss = max_rss_mb * 1024 * 1024
+        self.tasks_done = 0
+
+    def settled(self) -> str | None:
+        """Count one settled delivery; return why the worker should retire, if it should."""
+        self.tasks_done += 1
+        if self._max_tasks and self.tasks_done >= self._max_tasks:
+            return "max_tasks"
+        if self._max_rss and rss_bytes() > self._max_rss:
+            return "max_rss"
+        return None

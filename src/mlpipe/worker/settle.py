@@ -1,0 +1,195 @@
+"""Carry out an outcome on the broker: ack, re-publish through a delay queue, or dead-letter.
+
+Retries and dead-letters are fresh publishes (confirmed) followed by an ack of the original,
+in that order: if the publish fails the original is requeued instead, so a message can be
+duplicated by a crash between the two steps but never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from mlpipe.broker.messages import event_message
+from mlpipe.broker.topology import DELAY_TIER_HEADER, Topology
+from mlpipe.contract import events
+from mlpipe.errors import PublishError
+from mlpipe.producer import Producer
+from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, Retry
+
+log = structlog.get_logger(__name__)
+
+#: Headers mlpipe adds; ``dlq replay`` strips them again.
+H_REASON = "x-mlpipe-reason"
+H_ERROR_CLASS = "x-mlpipe-error-class"
+H_ERROR = "x-mlpipe-error"
+H_ATTEMPTS = "x-mlpipe-attempts"
+H_ORIGIN_QUEUE = "x-mlpipe-origin-queue"
+H_ROUTING_KEY = "x-mlpipe-routing-key"
+H_RETRY_COUNT = "x-mlpipe-retry-count"
+H_DEAD_AT = "x-mlpipe-dead-lettered-at"
+H_DEFERRALS = "x-mlpipe-deferrals"
+MLPIPE_HEADERS = (H_REASON, H_ERROR_CLASS, H_ERROR, H_ATTEMPTS, H_ORIGIN_QUEUE, H_ROUTING_KEY,
+                  H_RETRY_COUNT, H_DEAD_AT, H_DEFERRALS, DELAY_TIER_HEADER)
+
+
+def _int_header(message: AbstractIncomingMessage, name: str) -> int:
+    raw = (message.headers or {}).get(name, 0)
+    return max(0, raw) if isinstance(raw, int) else 0
+
+
+def retry_count_of(message: AbstractIncomingMessage) -> int:
+    """How often this delivery was already retried: the header we set, else 0."""
+    return _int_header(message, H_RETRY_COUNT)
+
+
+def deferrals_of(message: AbstractIncomingMessage) -> int:
+    return _int_header(message, H_DEFERRALS)
+
+
+def original_routing_key(message: AbstractIncomingMessage) -> str:
+    return str((message.headers or {}).get(H_ROUTING_KEY) or message.routing_key or "")
+
+
+def _copy(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any],
+          expiration_s: float | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        expiration=expiration_s,
+    )
+
+
+def failed_event(message: AbstractIncomingMessage, outcome: DeadLetter) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(message.body)
+        meta = doc.get("metadata") or {}
+        event = events.ResultEvent.model_validate({
+            "share_id": doc["shareId"], "task_type": doc["taskType"], "status": "failed",
+            "reason": outcome.reason, "error": outcome.error,
+            "correlation_id": meta.get("correlationId") or message.correlation_id,
+            "traceparent": meta.get("traceparent"), "message_id": message.message_id,
+            "occurred_at": time.time()}, strict=False)
+    except (ValueError, TypeError, KeyError, AttributeError, ValidationError, RecursionError):
+        return None
+    out: dict[str, Any] = json.loads(event.model_dump_json(by_alias=True, exclude_none=True))
+    return out
+
+
+def bump_retry_count(body: bytes, retry_count: int) -> bytes:
+    """Write ``metadata.retryCount`` into the body, keeping every other field (including ones
+    this version does not know) as the producer sent them."""
+    try:
+        doc = json.loads(body)
+        doc["metadata"]["retryCount"] = retry_count
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return body
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Settler:
+    """Turns outcomes into broker operations for one daemon."""
+
+    def __init__(self, producer: Producer, topology: Topology) -> None:
+        self._producer = producer
+        self._topo = topology
+
+    async def settle(self, message: AbstractIncomingMessage, outcome: Outcome,
+                     origin_queue: str) -> None:
+        try:
+            if isinstance(outcome, Retry):
+                await self._retry(message, outcome, origin_queue)
+            elif isinstance(outcome, DeadLetter):
+                await self._dead_letter(message, outcome, origin_queue)
+        except PublishError as exc:
+            log.warning("settle.publish_failed_requeue", error=str(exc),
+                        message_id=message.message_id)
+            await self._requeue(message)
+            return
+        assert isinstance(outcome, Ack | Retry | DeadLetter)
+        await self._ack(message)
+
+    async def requeue(self, message: AbstractIncomingMessage) -> None:
+        await self._requeue(message)
+
+    async def _retry(self, message: AbstractIncomingMessage, outcome: Retry,
+                     origin_queue: str) -> None:
+        attempt = retry_count_of(message) + (1 if outcome.counts else 0)
+        headers = dict(message.headers or {})
+        tier = self._topo.tier_for(int(outcome.delay_s * 1000))
+        headers.update({
+            H_RETRY_COUNT: attempt,
+            H_DEFERRALS: deferrals_of(message) + (0 if outcome.counts else 1),
+            H_ROUTING_KEY: original_routing_key(message),
+            H_REASON: outcome.reason,
+            H_ERROR: outcome.error,
+            DELAY_TIER_HEADER: str(tier),
+        })
+        delay = max(0.001, min(outcome.delay_s, tier / 1000))
+        copy = _copy(message, bump_retry_count(message.body, attempt), headers, delay)
+        await self._producer.publish_message(self._topo.delay_exchange, origin_queue, copy)
+        log.info("task.retry_scheduled", attempt=attempt, delay_s=round(delay, 3),
+                 reason=outcome.reason, message_id=message.message_id)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, outcome: DeadLetter,
+                           origin_queue: str) -> None:
+        headers = dict(message.headers or {})
+        headers.pop(DELAY_TIER_HEADER, None)
+        headers.update({
+            H_REASON: outcome.reason,
+            H_ERROR_CLASS: outcome.error_class,
+            H_ERROR: outcome.error,
+            H_ATTEMPTS: retry_count_of(message) + 1,
+            H_ORIGIN_QUEUE: origin_queue,
+            H_ROUTING_KEY: original_routing_key(message),
+            H_DEAD_AT: int(time.time()),
+        })
+        await self._publish_failed_event(message, outcome)
+        await self._producer.publish_message(
+            self._topo.dead_letter_exchange, origin_queue, _copy(message, message.body, headers)
+        )
+        log.warning("task.dead_lettered", reason=outcome.reason, error=outcome.error,
+                    error_class=outcome.error_class, message_id=message.message_id)
+
+    async def _publish_failed_event(self, message: AbstractIncomingMessage,
+                                    outcome: DeadLetter) -> None:
+        """Tell listeners a task failed for good. A message too broken to name its share and
+        task type is not a task anyone waits for: it only goes to the dead-letter queue."""
+        body = failed_event(message, outcome)
+        if body is None:
+            return
+        await self._producer.publish_message(
+            self._topo.events_exchange, events.routing_key(body["taskType"]),
+            event_message(body, uuid.uuid4().hex), mandatory=False)
+
+    @staticmethod
+    async def _ack(message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except Exception as exc:  # channel gone: the broker redelivers; handlers are idempotent
+            log.warning("settle.ack_failed", error=repr(exc), message_id=message.message_id)
+
+    @staticmethod
+    async def _requeue(message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        except Exception as exc:
+            log.warning("settle.nack_failed", error=repr(exc), message_id=message.message_id)
+
+
+__all__ = ["MLPIPE_HEADERS", "Ack", "Settler"]

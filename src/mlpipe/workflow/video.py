@@ -1,0 +1,222 @@
+"""The video workflow, driven by the daemon's own results (no polling).
+
+A share submitted with ``submit_video`` gets two tasks at once: its caption is embedded
+(searchable within seconds) and its media is transcribed. Then, each step inside the
+transaction that stores the previous step's result:
+
+==============================  =====================================================
+result stored                    state change and follow-up task (through the outbox)
+==============================  =====================================================
+transcription starts             ``video_pending`` -> ``video_transcribing``
+transcript                       -> ``video_summarizing``; ``summarize_video_combined``
+                                 (transcript + caption + hashtags)
+combined summary                 ``embed_vectors`` of summary + transcript ("rich")
+rich embedding                   -> ``completed``: it replaced the caption-only chunks
+transcription dead-lettered,     -> ``failed_transcription``: the caption embedding stays
+or no transcript within
+``workflow_timeout_s``
+==============================  =====================================================
+
+The timeout is a message, not a poll: when transcription starts, a deadline message is sent
+through a delay queue of ``workflow_timeout_s`` and comes back on ``mlpipe.workflow``, where
+the daemon moves a share still waiting for its transcript to ``failed_transcription``.
+
+Transitions only move forward, so a redelivered or duplicated step changes nothing; follow-up
+tasks carry deterministic message ids and meet the stored-result check downstream, so no paid
+step runs twice. A caption embedding that arrives after the rich one (a re-submitted share) is
+acked as superseded instead of overwriting it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from mlpipe.broker.topology import DELAY_TIER_HEADER, routing_key_for
+from mlpipe.contract.codec import encode
+from mlpipe.contract.models import (
+    ContentType,
+    EmbedTask,
+    SummarizeVideoCombinedTask,
+    Task,
+    TaskType,
+    TranscribeTask,
+    build_task,
+)
+from mlpipe.handlers import HandlerResult
+from mlpipe.store import outbox
+from mlpipe.store.pool import DB
+
+
+class State(StrEnum):
+    PENDING = "video_pending"
+    TRANSCRIBING = "video_transcribing"
+    SUMMARIZING = "video_summarizing"
+    COMPLETED = "completed"
+    FAILED_TRANSCRIPTION = "failed_transcription"
+
+
+#: Which states each state may be reached from.
+_FROM: dict[State, tuple[State, ...]] = {
+    State.TRANSCRIBING: (State.PENDING,),
+    State.SUMMARIZING: (State.PENDING, State.TRANSCRIBING),
+    State.COMPLETED: (State.SUMMARIZING,),
+    State.FAILED_TRANSCRIPTION: (State.PENDING, State.TRANSCRIBING),
+}
+FINAL = (State.COMPLETED, State.FAILED_TRANSCRIPTION)
+
+
+@dataclass(frozen=True)
+class WorkflowStatus:
+    share_id: str
+    state: str
+    history: list[dict[str, Any]]
+    created_at: float
+    updated_at: float
+
+
+def is_video(task: Task) -> bool:
+    return isinstance(task, TranscribeTask) and task.payload.video is not None
+
+
+async def start(conn: DB, share_id: str, detail: str) -> None:
+    """Create the workflow row in ``video_pending`` if it does not exist yet."""
+    await conn.execute(
+        "INSERT INTO ml_workflows (share_id, state, history) VALUES ($1, $2, $3) "
+        "ON CONFLICT (share_id) DO NOTHING",
+        share_id, State.PENDING.value,
+        [{"state": State.PENDING.value, "at": time.time(), "detail": detail}])
+
+
+async def advance(conn: DB, share_id: str, to: State, detail: str = "") -> bool:
+    """Move forward to ``to`` if the share is in a state that may reach it; True if it moved."""
+    entry = json.dumps([{"state": to.value, "at": time.time(), "detail": detail}])
+    row = await conn.fetchval(
+        "UPDATE ml_workflows SET state = $2, history = history || $3::text::jsonb, "
+        "updated_at = now() WHERE share_id = $1 AND state = ANY($4::text[]) RETURNING 1",
+        share_id, to.value, entry, [s.value for s in _FROM[to]])
+    return row is not None
+
+
+async def state_of(conn: DB, share_id: str) -> State | None:
+    raw = await conn.fetchval("SELECT state FROM ml_workflows WHERE share_id = $1", share_id)
+    return State(raw) if raw else None
+
+
+async def status(conn: DB, share_id: str) -> WorkflowStatus | None:
+    row = await conn.fetchrow(
+        "SELECT share_id, state, history, extract(epoch FROM created_at) AS c, "
+        "extract(epoch FROM updated_at) AS u FROM ml_workflows WHERE share_id = $1", share_id)
+    if row is None:
+        return None
+    return WorkflowStatus(row["share_id"], row["state"], row["history"], float(row["c"]),
+                          float(row["u"]))
+
+
+# --- hooks called by the effects executor ------------------------------------------------------
+
+
+async def superseded(conn: DB, task: Task) -> bool:
+    """A caption embedding for a share whose rich embedding already landed must not replace it."""
+    if not (isinstance(task, EmbedTask) and task.payload.content.type is ContentType.CAPTION):
+        return False
+    return await state_of(conn, task.share_id) is State.COMPLETED
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Where a workflow deadline goes: the delay exchange, the tier that holds it, and the
+    control queue it comes back to."""
+
+    delay_exchange: str
+    control_queue: str
+    tier_ms: int
+
+
+async def before_run(conn: DB, task: Task, timer: Timer | None) -> None:
+    """Transcription is starting: the workflow enters ``video_transcribing`` and, the first
+    time, arms its deadline (published by the caller's outbox flush)."""
+    if not is_video(task):
+        return
+    await start(conn, task.share_id, "submitted")
+    if await advance(conn, task.share_id, State.TRANSCRIBING, "transcription started") \
+            and timer is not None:
+        await outbox.add(
+            conn, share_id=task.share_id, task_type=task.task_type.value, kind="task",
+            exchange=timer.delay_exchange, routing_key=timer.control_queue,
+            message_id=f"wf-deadline:{task.share_id}",
+            body={"kind": DEADLINE, "shareId": task.share_id,
+                  "correlationId": task.metadata.correlation_id},
+            headers={DELAY_TIER_HEADER: str(timer.tier_ms)})
+
+
+DEADLINE = "video_deadline"
+
+
+async def on_deadline(conn: DB, share_id: str, timeout_s: float) -> bool:
+    """The deadline fired: still no transcript means caption-only. True if it fell back."""
+    return await advance(conn, share_id, State.FAILED_TRANSCRIPTION,
+                         f"no transcript within {timeout_s:g}s; caption-only")
+
+
+async def on_result(conn: DB, task: Task, result: HandlerResult, tasks_exchange: str) -> None:
+    """Inside the result's transaction: move the state on and queue the next step."""
+    if isinstance(task, TranscribeTask) and task.payload.video is not None:
+        await start(conn, task.share_id, "submitted")
+        if await advance(conn, task.share_id, State.SUMMARIZING, "transcript stored"):
+            await _follow_up(conn, task, tasks_exchange, _combined_summary(task, result))
+    elif isinstance(task, SummarizeVideoCombinedTask):
+        if await state_of(conn, task.share_id) is State.SUMMARIZING:
+            await _follow_up(conn, task, tasks_exchange, _rich_embedding(task, result))
+    elif isinstance(task, EmbedTask) and task.payload.content.type is ContentType.TRANSCRIPT:
+        await advance(conn, task.share_id, State.COMPLETED, "rich embedding stored")
+
+
+async def on_dead_letter(conn: DB, task: Task, reason: str) -> None:
+    if is_video(task):
+        await start(conn, task.share_id, "submitted")
+        await advance(conn, task.share_id, State.FAILED_TRANSCRIPTION,
+                      f"transcription failed ({reason}); caption-only")
+
+
+def _combined_summary(task: TranscribeTask, result: HandlerResult) -> Task:
+    video = task.payload.video
+    assert video is not None
+    transcript: dict[str, Any] = {"text": str(result.data.get("text") or video.caption or "-"),
+                                  "type": "transcript"}
+    if result.data.get("segments"):
+        transcript["segments"] = result.data["segments"]
+    return build_task(
+        TaskType.SUMMARIZE_VIDEO_COMBINED, task.share_id,
+        {"transcript": transcript, "caption": video.caption, "hashtags": video.hashtags,
+         "options": _backend_option(task)},
+        correlation_id=task.metadata.correlation_id, traceparent=task.metadata.traceparent)
+
+
+def _rich_embedding(task: SummarizeVideoCombinedTask, result: HandlerResult) -> Task:
+    p = task.payload
+    summary = str(result.data.get("summary") or "")
+    parts = [summary, p.caption or "", " ".join(f"#{h}" for h in p.hashtags), p.transcript.text]
+    text = "\n\n".join(part for part in parts if part.strip())
+    return build_task(
+        TaskType.EMBED_VECTORS, task.share_id,
+        {"content": {"text": text, "type": "transcript"},
+         "options": {**_backend_option(task), "embeddingType": "content"}},
+        correlation_id=task.metadata.correlation_id, traceparent=task.metadata.traceparent)
+
+
+def _backend_option(task: Task) -> dict[str, Any]:
+    backend = task.payload.options.backend
+    return {"backend": backend.value} if backend is not None else {}
+
+
+async def _follow_up(conn: DB, cause: Task, exchange: str, task: Task) -> None:
+    body: dict[str, Any] = json.loads(encode(task))
+    headers = {"traceparent": task.metadata.traceparent} if task.metadata.traceparent else {}
+    await outbox.add(conn, share_id=cause.share_id, task_type=cause.task_type.value,
+                     kind="task", exchange=exchange, routing_key=routing_key_for(task),
+                     message_id=f"wf:{task.share_id}:{task.task_type.value}", body=body,
+                     headers=headers)

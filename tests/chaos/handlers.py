@@ -1,0 +1,73 @@
+"""Chaos handlers: fast and deterministic, each run recording its side effect in Postgres
+(``chaos_effects``), so the verdict can count how often every task's effect happened.
+
+The transcription handler sends every media URL that is not a chaos placeholder
+(``s3://chaos/...``) through mlpipe's real media guard; hostile URLs (``file://``, traversal,
+other schemes) must be refused there, before any I/O. A fetch that got through would be
+recorded as a ``media_fetch`` effect, which the verdict requires to be zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+
+from consumers.media import fetch_media
+from mlpipe.contract.models import Task, TaskType, TranscribeTask
+from mlpipe.errors import TransientError
+from mlpipe.handlers import HandlerResult, Registry, TaskContext
+from mlpipe.settings import Settings
+from mlpipe.store.pool import UNAVAILABLE
+
+EFFECTS_DDL = """
+CREATE TABLE IF NOT EXISTS chaos_effects (
+    id bigserial PRIMARY KEY, share_id text NOT NULL, task_type text NOT NULL,
+    kind text NOT NULL, pid integer NOT NULL, at timestamptz NOT NULL DEFAULT now())
+"""
+
+
+def build_registry(settings: Settings) -> Registry:
+    registry = Registry()
+
+    @contextlib.asynccontextmanager
+    async def effects_pool() -> AsyncIterator[asyncpg.Pool]:
+        path = f"{settings.database_schema}, public"
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
+                                         server_settings={"search_path": path})
+        assert pool is not None
+        try:
+            yield pool
+        finally:
+            await pool.close()
+
+    registry.add_resource("chaos.db", effects_pool)
+
+    async def record(ctx: TaskContext, task: Task, kind: str) -> None:
+        try:
+            await ctx.resources["chaos.db"].execute(
+                "INSERT INTO chaos_effects (share_id, task_type, kind, pid) "
+                "VALUES ($1, $2, $3, $4)", task.share_id, task.task_type.value, kind,
+                os.getpid())
+        except UNAVAILABLE as exc:
+            raise TransientError(f"effect not recorded: {exc}") from exc
+
+    async def handle(task: Task, ctx: TaskContext) -> HandlerResult:
+        if isinstance(task, TranscribeTask) and not task.payload.media_url.startswith(
+                "s3://chaos/"):
+            with tempfile.TemporaryDirectory() as tmp:
+                await fetch_media(task.payload.media_url, settings, Path(tmp))
+                await record(ctx, task, "media_fetch")
+        await asyncio.sleep(0.002)  # the "work"
+        await record(ctx, task, "effect")
+        return HandlerResult({"pid": os.getpid(), "attempt": ctx.attempt})
+
+    for tt in TaskType:
+        # lock TTL 15 s: longer than the scenario's outages, as production TTLs should be
+        registry.register(tt, handle, expected_runtime_s=10.0, timeout_s=30)
+    return registry

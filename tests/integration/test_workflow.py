@@ -1,0 +1,172 @@
+"""The video workflow with stand-in handlers: states in order, each paid step once, the
+caption-only fallback, and duplicate submissions absorbed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mlpipe.contract.models import EmbedTask, Task, TaskType
+from mlpipe.effects import Effects
+from mlpipe.errors import PermanentError
+from mlpipe.handlers import HandlerResult, Registry, TaskContext
+from mlpipe.producer import Producer
+from mlpipe.settings import RetryPolicy, Settings
+from mlpipe.testing import running_daemon, wait_for
+from mlpipe.workflow import video
+from mlpipe.workflow.submit import submit_video
+from tests.conftest import REDIS_URL
+
+QUEUES = "transcribe,summarize,embed"
+
+
+@pytest.fixture
+def settings(broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str) -> Settings:
+    return Settings(broker_url=broker_url, database_url=pg_dsn, database_schema=pg_schema,
+                    redis_url=REDIS_URL, lock_prefix=lock_prefix,
+                    retry=RetryPolicy(max_retries=1, base_delay_s=0.1, max_delay_s=0.2))
+
+
+class StandIns:
+    def __init__(self) -> None:
+        self.runs: Counter[str] = Counter()
+        self.embedded: list[tuple[str, str]] = []
+        self.release_transcription = asyncio.Event()
+        self.registry = Registry()
+        self.registry.register(TaskType.TRANSCRIBE_WHISPER, self.transcribe)
+        self.registry.register(TaskType.SUMMARIZE_VIDEO_COMBINED, self.summarize)
+        self.registry.register(TaskType.EMBED_VECTORS, self.embed)
+
+    async def transcribe(self, task: Task, ctx: TaskContext) -> HandlerResult:
+        self.runs["transcribe"] += 1
+        await self.release_transcription.wait()
+        if "broken" in task.payload.media_url:  # type: ignore[union-attr]
+            raise PermanentError("not a media file", reason="unsupported_media")
+        return HandlerResult({"text": "we bake sourdough bread", "segments": [
+            {"start": 0.0, "end": 2.0, "text": "we bake sourdough bread"}]})
+
+    async def summarize(self, task: Task, ctx: TaskContext) -> HandlerResult:
+        self.runs["summarize"] += 1
+        return HandlerResult({"summary": "A sourdough baking video."})
+
+    async def embed(self, task: Task, ctx: TaskContext) -> HandlerResult:
+        assert isinstance(task, EmbedTask)
+        kind = task.payload.content.type.value if task.payload.content.type else "none"
+        self.runs[f"embed:{kind}"] += 1
+        self.embedded.append((task.share_id, kind))
+        return HandlerResult({"chunks": 1})
+
+
+@pytest.fixture
+async def env(settings: Settings) -> AsyncIterator[tuple[StandIns, Effects, Producer]]:
+    stand = StandIns()
+    async with Effects(settings) as effects, \
+            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor), \
+            Producer(settings) as producer:
+        yield stand, effects, producer
+
+
+async def state(effects: Effects, share: str) -> str | None:
+    assert effects.pool is not None
+    st = await video.status(effects.pool, share)
+    return st.state if st else None
+
+
+async def test_video_goes_through_every_state_once(
+        env: tuple[StandIns, Effects, Producer]) -> None:
+    stand, effects, producer = env
+    await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
+                       hashtags=["sourdough", "baking"])
+    await wait_for(lambda: ("vid-1", "caption") in stand.embedded, message="caption embedded")
+    assert await state(effects, "vid-1") == "video_transcribing"  # caption first, in seconds
+    stand.release_transcription.set()
+
+    async def completed() -> bool:
+        return await state(effects, "vid-1") == "completed"
+
+    await wait_for(completed, timeout=20, message="workflow completed")
+    assert effects.pool is not None
+    st = await video.status(effects.pool, "vid-1")
+    assert st is not None
+    assert [h["state"] for h in st.history] == [
+        "video_pending", "video_transcribing", "video_summarizing", "completed"]
+    assert stand.runs == Counter({"transcribe": 1, "summarize": 1, "embed:caption": 1,
+                                  "embed:transcript": 1})
+
+    # the same share submitted again: nothing paid runs again, the rich embedding stays
+    await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
+                       hashtags=["sourdough", "baking"])
+    await asyncio.sleep(1.5)
+    assert stand.runs == Counter({"transcribe": 1, "summarize": 1, "embed:caption": 1,
+                                  "embed:transcript": 1})
+    assert await state(effects, "vid-1") == "completed"
+
+
+async def test_failed_transcription_falls_back_to_caption_only(
+        env: tuple[StandIns, Effects, Producer]) -> None:
+    stand, effects, producer = env
+    stand.release_transcription.set()
+    await submit_video(producer, "vid-2", "s3://media/broken.txt", caption="Not really a video")
+
+    async def failed() -> bool:
+        return await state(effects, "vid-2") == "failed_transcription"
+
+    await wait_for(failed, timeout=20, message="failed_transcription")
+    await wait_for(lambda: ("vid-2", "caption") in stand.embedded, message="caption kept")
+    assert stand.runs["summarize"] == 0
+    assert stand.runs["embed:transcript"] == 0
+
+
+async def test_workflow_status_command(env: tuple[StandIns, Effects, Producer],
+                                       settings: Settings) -> None:
+    import json
+    import os
+    import sys
+
+    stand, effects, producer = env
+    stand.release_transcription.set()
+    await submit_video(producer, "vid-3", "s3://media/vid-3.mp4", caption="Cats")
+
+    async def completed() -> bool:
+        return await state(effects, "vid-3") == "completed"
+
+    await wait_for(completed, timeout=20)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlpipe.cli", "workflow", "status", "vid-3", "--json",
+        env={**os.environ, "MLPIPE_DATABASE_URL": settings.database_url,
+             "MLPIPE_DATABASE_SCHEMA": settings.database_schema},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    doc = json.loads(out)
+    assert doc["state"] == "completed"
+    assert len(doc["history"]) == 4
+
+
+async def test_transcription_timeout_falls_back_without_polling(
+        broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str) -> None:
+    settings = Settings(broker_url=broker_url, database_url=pg_dsn, database_schema=pg_schema,
+                        redis_url=REDIS_URL, lock_prefix=lock_prefix, workflow_timeout_s=2.0)
+    stand = StandIns()  # transcription blocks until released
+    async with Effects(settings) as effects, \
+            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor), \
+            Producer(settings) as producer:
+        await submit_video(producer, "slow", "s3://media/slow.mp4", caption="A slow upload")
+
+        async def failed() -> bool:
+            return await state(effects, "slow") == "failed_transcription"
+
+        await wait_for(failed, timeout=15, message="deadline fired")
+        assert effects.pool is not None
+        st = await video.status(effects.pool, "slow")
+        assert st is not None
+        assert "no transcript within 2s" in st.history[-1]["detail"]
+        stand.release_transcription.set()  # the transcript finally lands: too late
+        await wait_for(lambda: stand.runs["transcribe"] == 1)
+        await asyncio.sleep(1.0)
+        assert await state(effects, "slow") == "failed_transcription"
+        assert stand.runs["summarize"] == 0
+        assert ("slow", "caption") in stand.embedded
