@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     #: How long persisting a finished result is retried in-process (a Postgres blip must not
     #: throw away paid work) before the delivery is retried from scratch.
     persist_retry_s: float = Field(default=60.0, ge=0)
+    #: How long a finished result that could not be stored stays parked in Redis for the
+    #: delivery's retry to store instead of paying for the handler again.
+    parked_result_ttl_s: float = Field(default=86_400.0, gt=0)
     #: Deferrals (another worker holds the lock for a different input) before dead-lettering
     #: with ``lock_contention``.
     max_deferrals: int = Field(default=50, ge=1)
@@ -182,6 +185,19 @@ class Settings(BaseSettings):
     #: Port of /metrics, /healthz and /readyz (0: an ephemeral port; -1: no HTTP server).
     http_port: int = Field(default=9464, ge=-1, le=65535)
     http_host: str = "0.0.0.0"
+
+    # --- read API (``mlpipe serve``) ----------------------------------------------------------
+    #: Address of the read API. Anything but loopback needs tokens: the API refuses to start
+    #: without them rather than hand every result and the cost ledger to the network.
+    api_host: str = "127.0.0.1"
+    #: Port of the read API (0: an ephemeral port).
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    #: Bearer tokens that read search, results and workflow state (JSON list, each at least
+    #: 16 characters).
+    api_tokens: list[SecretStr] = Field(default_factory=list)
+    #: Bearer tokens that also read the cost and budget analytics.
+    api_admin_tokens: list[SecretStr] = Field(default_factory=list)
+    api_pool_size: int = Field(default=4, ge=1)
 
     # --- broker connection and publishing --------------------------------------------------
     reconnect_base_s: float = Field(default=0.5, gt=0)

@@ -24,6 +24,7 @@ from mlpipe.store.pool import create_pool
 
 from .budget import BudgetGuard
 from .executor import EffectsExecutor
+from .parking import ResultParking
 
 
 class Effects:
@@ -60,7 +61,9 @@ class Effects:
             await self.close()
             raise
         locks = LockManager(self.redis, prefix=s.lock_prefix)
-        self._executor = EffectsExecutor(s, self.pool, locks, BudgetGuard(s, self.pool))
+        parking = ResultParking(self.redis, prefix=s.lock_prefix, ttl_s=s.parked_result_ttl_s)
+        self._executor = EffectsExecutor(s, self.pool, locks, BudgetGuard(s, self.pool),
+                                         parking=parking)
         return self
 
     async def _check_schema(self) -> None:

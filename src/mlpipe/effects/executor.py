@@ -14,7 +14,8 @@ The order is what makes double-fires cheap and crashes harmless:
 4. **handler** under its time limit, the lock renewed meanwhile;
 5. **persist** result + cost entries + reservation release + outbox (result event, follow-up
    tasks) in one transaction, retried in-process for ``persist_retry_s`` so a Postgres blip
-   does not throw away paid work;
+   does not throw away paid work; if it still fails, the result is **parked** in Redis and the
+   retry stores it instead of running the handler again (``parking.py``);
 6. **publish** the outbox (confirmed); a redelivery that finds the result stored does this too,
    so a crash between commit and publish delays an event but never loses it;
 7. release the lock; the caller acks.
@@ -46,6 +47,7 @@ from mlpipe.workflow.deadline import DeadlineProcessor
 
 from .budget import BudgetGuard
 from .events import OutboxRelay, add_completed
+from .parking import Parked, ResultParking
 
 log = structlog.get_logger(__name__)
 
@@ -53,15 +55,20 @@ log = structlog.get_logger(__name__)
 LOCK_TTL_FACTOR = 1.5
 #: Longest wait before a deferred delivery looks at the lock again.
 MAX_DEFER_S = 30.0
+#: Failures of the persisting transaction that are retried in-process: the database being
+#: unreachable, and asyncpg's "cannot switch to state ...; another operation is in progress",
+#: which is what a connection that broke mid-query reports (the pool discards it on release).
+PERSIST_RETRYABLE = (*UNAVAILABLE, asyncpg.exceptions.InternalClientError)
 
 
 class EffectsExecutor:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, locks: LockManager,
-                 budget: BudgetGuard) -> None:
+                 budget: BudgetGuard, *, parking: ResultParking | None = None) -> None:
         self._settings = settings
         self._pool = pool
         self._locks = locks
         self._budget = budget
+        self._parking = parking
         self._relay: OutboxRelay | None = None
         self._events_exchange = ""
         self._tasks_exchange = ""
@@ -106,6 +113,14 @@ class EffectsExecutor:
             async with unavailable_is_transient("workflow start"):
                 await video.before_run(self._pool, task, self._timer)
             await self._flush(task)  # the workflow deadline, if one was just armed
+            parked = await self._find_parked(task, digest, ctx)
+            if parked is not None:  # paid for by an earlier delivery whose store failed
+                ctx.log.info("task.parked_result_stored", processing_ms=parked.processing_ms)
+                await asyncio.shield(self._persist(task, parked.result, digest,
+                                                   parked.processing_ms, None, ctx.message_id))
+                await self._unpark(task)
+                await self._flush(task)
+                return parked.result
             reservation = await self._budget.reserve(task, spec)
             started = time.monotonic()
             try:
@@ -116,8 +131,12 @@ class EffectsExecutor:
             elapsed_ms = int((time.monotonic() - started) * 1000)
             if lease.lost:
                 ctx.log.warning("task.lock_lost_during_run")
-            await asyncio.shield(self._persist(task, result, digest, elapsed_ms, reservation,
-                                               ctx.message_id))
+            try:
+                await asyncio.shield(self._persist(task, result, digest, elapsed_ms,
+                                                   reservation, ctx.message_id))
+            except BaseException:
+                await asyncio.shield(self._park(task, digest, result, elapsed_ms, ctx))
+                raise
             await self._flush(task)
             return result
 
@@ -154,11 +173,34 @@ class EffectsExecutor:
                 raise TransientError(f"result stored, events not confirmed: {exc}",
                                      reason="event_publish_failed") from exc
 
+    async def _find_parked(self, task: Task, digest: str, ctx: TaskContext) -> Parked | None:
+        if self._parking is None:
+            return None
+        parked = await self._parking.find(task.task_type.value, task.share_id, digest)
+        if parked is None:
+            return None
+        # forceRecompute asks for a fresh run: only its own earlier attempt counts as fresh
+        if task.payload.options.force_recompute and parked.message_id != ctx.message_id:
+            return None
+        return parked
+
+    async def _park(self, task: Task, digest: str, result: HandlerResult, elapsed_ms: int,
+                    ctx: TaskContext) -> None:
+        if self._parking is None:
+            return
+        if await self._parking.park(task.task_type.value, task.share_id, digest, result,
+                                    elapsed_ms, message_id=ctx.message_id):
+            ctx.log.warning("task.result_parked", why="the result could not be stored")
+
+    async def _unpark(self, task: Task) -> None:
+        if self._parking is not None:
+            await self._parking.drop(task.task_type.value, task.share_id)
+
     async def _persist(self, task: Task, result: HandlerResult, digest: str, elapsed_ms: int,
                        reservation: int | None, message_id: str | None) -> None:
         async with unavailable_is_transient("persisting the result"):
             async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(UNAVAILABLE),
+                    retry=retry_if_exception_type(PERSIST_RETRYABLE),
                     wait=wait_exponential(multiplier=0.2, max=5),
                     stop=stop_after_delay(self._settings.persist_retry_s), reraise=True):
                 with attempt:
