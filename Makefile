@@ -7,6 +7,7 @@ QUEUES  ?= transcribe,summarize,embed
 export MLPIPE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5433/mlpipe
 # offline models assembled by `make setup` from the PyPI packages that carry them
 export MLPIPE_WHISPER_MODEL_DIR ?= $(CURDIR)/.data/models/whisper-base
+export MLPIPE_EMBEDDING_MODEL_DIR ?= $(CURDIR)/.data/models/all-MiniLM-L6-v2-int8
 
 .PHONY: setup services test unit lint typecheck demo consume topology bench bench-quick chaos clean
 
@@ -15,6 +16,7 @@ setup: .venv/.installed contracts/node/node_modules/.installed .data/models/.ins
 
 .data/models/.installed: .venv/.installed
 	$(PY) -m consumers.transcribe.models
+	$(PY) -m consumers.embed.models install $(MLPIPE_EMBEDDING_MODEL_DIR)
 	mkdir -p .data/models && touch $@
 
 .venv/.installed: pyproject.toml

@@ -14,9 +14,10 @@ from mlpipe.settings import Settings
 def build_registry(settings: Settings) -> Registry:
     """Every shipped handler. Heavy resources (models, API clients) are registered lazily:
     a worker that never sees a task type never loads its model."""
-    from consumers import summarize, transcribe
+    from consumers import embed, summarize, transcribe
 
     registry = Registry()
     transcribe.register(registry, settings)
     summarize.register(registry, settings)
+    embed.register(registry, settings)
     return registry

@@ -12,17 +12,12 @@ Each is created lazily on first use and closed when the daemon stops.
 
 from __future__ import annotations
 
-from mlpipe.contract.models import TaskType
 from mlpipe.handlers import Registry
 from mlpipe.settings import Settings
 
-from .api import ApiEmbedder
-from .batcher import Batcher
-from .handler import API_BATCHER, LOCAL_BATCHER, STORE, EmbedHandler
-from .local import LocalEmbedder
-from .store import ChunkStore
+from .names import API_BATCHER, LOCAL_BATCHER, STORE
 
-__all__ = ["API_BATCHER", "LOCAL_BATCHER", "STORE", "EmbedHandler", "register"]
+__all__ = ["API_BATCHER", "LOCAL_BATCHER", "STORE", "register"]
 
 #: Concurrent HTTP calls per API batcher; the local model runs one inference at a time.
 API_CONCURRENT_CALLS = 4
@@ -34,6 +29,16 @@ EXPECTED_RUNTIME_S = 30.0
 
 def register(registry: Registry, settings: Settings, *,
              large_api_model: str | None = None) -> None:
+    # Imported here: `mlpipe search --help`, and code that only needs the resource names,
+    # should not pay for the API client and the handler's imports.
+    from mlpipe.contract.models import TaskType
+
+    from .api import ApiEmbedder
+    from .batcher import Batcher
+    from .handler import EmbedHandler
+    from .local import LocalEmbedder
+    from .store import ChunkStore
+
     wait_s = settings.embed_batch_wait_ms / 1000
     registry.add_resource(LOCAL_BATCHER, lambda: Batcher(
         LocalEmbedder(settings.embedding_model_dir), max_batch=settings.embed_batch_size,

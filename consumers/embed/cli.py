@@ -15,16 +15,17 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from mlpipe.contract.models import ContentType, EmbeddingType
-from mlpipe.search import Hit, ShareNotEmbedded, VectorLike, search, similar_to_share
 from mlpipe.settings import Settings
 
-from .api import ApiEmbedder
-from .backend import EmbedBackend
-from .local import LocalEmbedder
+if TYPE_CHECKING:  # the heavy imports wait for a search: `mlpipe --help` stays quick
+    import asyncpg
+
+    from mlpipe.search import Hit, VectorLike
+
+    from .backend import EmbedBackend
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 SNIPPET = 160
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_search(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    from mlpipe.search import ShareNotEmbedded, search, similar_to_share
+
     settings = settings or Settings()
     query: str | None = getattr(args, "query", None)
     share: str | None = getattr(args, "share", None)
@@ -97,11 +100,16 @@ async def run_search(args: argparse.Namespace, settings: Settings | None = None)
 
 
 def _backend(settings: Settings, wanted: str | None) -> EmbedBackend:
+    from .api import ApiEmbedder
+    from .local import LocalEmbedder
+
     use_api = wanted == "api" or (wanted is None and settings.openai_api_key is not None)
     return ApiEmbedder(settings) if use_api else LocalEmbedder(settings.embedding_model_dir)
 
 
 async def _connect(settings: Settings) -> asyncpg.Connection:
+    import asyncpg
+
     schema = settings.database_schema
     return await asyncpg.connect(
         settings.database_url, timeout=10,

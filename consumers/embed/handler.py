@@ -28,12 +28,8 @@ from mlpipe.settings import Settings
 from .batcher import Batcher
 from .chunking import MINILM_LIMITS, Chunking, ChunkingError, ChunkLimits, chunk
 from .local import MODEL_NAME as LOCAL_MODEL
+from .names import API_BATCHER, LOCAL_BATCHER, STORE
 from .store import ChunkStore
-
-#: Resource names (``ctx.resources``).
-LOCAL_BATCHER = "embed.batcher.local"
-API_BATCHER = "embed.batcher.api"
-STORE = "embed.store"
 
 #: Content above this many (approximate) tokens counts as long for the model choice.
 LONG_CONTENT_TOKENS = 4000

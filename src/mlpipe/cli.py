@@ -319,6 +319,12 @@ async def cmd_contract_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_search(args: argparse.Namespace) -> int:
+    from consumers.embed.cli import run_search
+
+    return await run_search(args, _settings(args))
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -369,6 +375,11 @@ def _parser() -> argparse.ArgumentParser:
     co = add("costs", cmd_costs, "spend by task type and model, and budget status")
     co.add_argument("--window", default="1 day", help="a Postgres interval, e.g. '7 days'")
     co.add_argument("--json", action="store_true")
+
+    from consumers.embed.cli import add_search_arguments
+
+    add_search_arguments(add("search", cmd_search, "similarity search over the stored chunks: "
+                                                   "share ids, chunk text, timestamps, score"))
 
     wf = sub.add_parser("workflow", help="video workflow state")
     wsub = wf.add_subparsers(metavar="ACTION")
