@@ -170,3 +170,35 @@ async def test_transcription_timeout_falls_back_without_polling(
         assert await state(effects, "slow") == "failed_transcription"
         assert stand.runs["summarize"] == 0
         assert ("slow", "caption") in stand.embedded
+
+
+async def test_workflow_gauges_follow_the_states(settings: Settings) -> None:
+    from tests.integration.test_observability import scrape
+
+    def gauge(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+              state: str) -> float:
+        return samples[("mlpipe_workflow_shares", (("state", state),))]
+
+    stand = StandIns()
+    async with Effects(settings) as effects, \
+            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor) as d, \
+            Producer(settings) as producer:
+        assert d.http is not None and d.http.port is not None
+        port = d.http.port
+        await submit_video(producer, "vid-g", "s3://media/vid-g.mp4", caption="Gauges")
+        await wait_for(lambda: ("vid-g", "caption") in stand.embedded, message="caption")
+        await asyncio.sleep(1.1)
+        during = await scrape(port)
+        assert gauge(during, "video_transcribing") == 1
+        assert gauge(during, "completed") == 0
+        assert during[("mlpipe_workflow_oldest_age_seconds", ())] >= 1.0
+        stand.release_transcription.set()
+
+        async def completed() -> bool:
+            return await state(effects, "vid-g") == "completed"
+
+        await wait_for(completed, timeout=20, message="workflow completed")
+        after = await scrape(port)
+        assert gauge(after, "completed") == 1
+        assert gauge(after, "video_transcribing") == 0
+        assert after[("mlpipe_workflow_oldest_age_seconds", ())] == 0

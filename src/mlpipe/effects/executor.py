@@ -140,6 +140,13 @@ class EffectsExecutor:
             await self._flush(task)
             return result
 
+    async def collect_metrics(self, metrics: Metrics) -> None:
+        """Workflow gauges, read at scrape time: a replica that is down exports nothing stale."""
+        counts, oldest = await video.state_counts(self._pool)
+        for state, n in counts.items():
+            metrics.workflows.labels(state.value).set(n)
+        metrics.oldest_workflow_age.set(oldest)
+
     def control_processors(self) -> dict[str, DeadlineProcessor]:
         """Queues besides the task queues this executor needs consumed: workflow deadlines."""
         if self._timer is None:

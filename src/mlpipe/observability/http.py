@@ -18,10 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mlpipe.observability.metrics import Metrics
+
+log = structlog.get_logger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[None]]
 StatusSource = Callable[[], dict[str, Any]]
@@ -30,12 +33,15 @@ StatusSource = Callable[[], dict[str, Any]]
 class HealthServer:
     def __init__(self, metrics: Metrics, status: StatusSource, *, host: str, port: int,
                  checks: dict[str, ReadinessCheck] | None = None,
-                 refresh: Callable[[], None] | None = None, check_timeout_s: float = 2.0,
+                 refresh: Callable[[], None] | None = None,
+                 collect: Callable[[], Awaitable[None]] | None = None,
+                 check_timeout_s: float = 2.0,
                  stall_after_s: float = 10.0) -> None:
         self._metrics = metrics
         self._status = status
         self._checks = checks or {}
         self._refresh = refresh
+        self._collect = collect
         self._host, self._port = host, port
         self._check_timeout = check_timeout_s
         self._stall_after = stall_after_s
@@ -75,6 +81,14 @@ class HealthServer:
     async def _metrics_view(self, _request: web.Request) -> web.Response:
         if self._refresh is not None:
             self._refresh()
+        if self._collect is not None:
+            # Gauges read from the store; a slow or down database must not fail the scrape
+            # (the broker and task series still matter most then): keep the last values.
+            try:
+                async with asyncio.timeout(self._check_timeout):
+                    await self._collect()
+            except Exception as exc:
+                log.warning("metrics.collect_failed", error=repr(exc))
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

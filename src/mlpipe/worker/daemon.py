@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -40,6 +40,7 @@ from mlpipe.worker.process import (
     ControlQueues,
     DirectExecutor,
     Executor,
+    MetricsSource,
     Processor,
     PublishingExecutor,
 )
@@ -105,7 +106,8 @@ class Daemon:
         if settings.http_port >= 0:
             self.http = HealthServer(self.metrics, lambda: asdict(self.status()),
                                      host=settings.http_host, port=settings.http_port,
-                                     checks=readiness, refresh=self._refresh_metrics)
+                                     checks=readiness, refresh=self._refresh_metrics,
+                                     collect=self._collect_metrics(executor))
         self._conn = BrokerConnection(
             settings.broker_url, name=f"{ident}/consume", on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
@@ -193,6 +195,12 @@ class Daemon:
             stopping=self._stop_requested.is_set(),
         )
 
+    def _collect_metrics(self, executor: object) -> Callable[[], Awaitable[None]] | None:
+        if not isinstance(executor, MetricsSource):
+            return None
+        source = executor
+        return lambda: source.collect_metrics(self.metrics)
+
     def _refresh_metrics(self) -> None:
         """Gauges that mirror state are read when Prometheus scrapes, not kept in sync."""
         m, st, ps = self.metrics, self.status(), self.producer.status()
@@ -202,6 +210,8 @@ class Daemon:
         m.reconnects.labels("publish").set(ps.reconnects)
         for queue, consuming in st.consuming.items():
             m.consuming.labels(queue).set(int(consuming))
+        for consumer in self.consumers:
+            m.in_flight.labels(consumer.queue_name).set(consumer.running)
         m.publish_buffer.set(ps.buffered)
         m.pending_confirms.set(ps.pending_confirms)
         m.confirm_timeouts.set(ps.confirm_timeouts)

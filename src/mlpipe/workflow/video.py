@@ -116,6 +116,26 @@ async def status(conn: DB, share_id: str) -> WorkflowStatus | None:
                           float(row["u"]))
 
 
+async def state_counts(conn: DB) -> tuple[dict[State, int], float]:
+    """Shares per state, and the age in seconds of the oldest share still in flight (0 when
+    none): what the workflow gauges show. One grouped scan of the ``(state, updated_at)``
+    index."""
+    rows = await conn.fetch(
+        "SELECT state, count(*) AS n, extract(epoch FROM now() - min(created_at)) AS age "
+        "FROM ml_workflows GROUP BY state")
+    counts = {s: 0 for s in State}
+    oldest = 0.0
+    for row in rows:
+        try:
+            state = State(row["state"])
+        except ValueError:  # a state written by a newer release: not ours to chart
+            continue
+        counts[state] = int(row["n"])
+        if state not in FINAL:
+            oldest = max(oldest, float(row["age"]))
+    return counts, oldest
+
+
 # --- hooks called by the effects executor ------------------------------------------------------
 
 
