@@ -183,7 +183,8 @@ async def test_workflow_gauges_follow_the_states(settings: Settings) -> None:
     async with Effects(settings) as effects, \
             running_daemon(settings, stand.registry, QUEUES, executor=effects.executor) as d, \
             Producer(settings) as producer:
-        assert d.http is not None and d.http.port is not None
+        assert d.http is not None
+        assert d.http.port is not None
         port = d.http.port
         await submit_video(producer, "vid-g", "s3://media/vid-g.mp4", caption="Gauges")
         await wait_for(lambda: ("vid-g", "caption") in stand.embedded, message="caption")
