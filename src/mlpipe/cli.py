@@ -319,6 +319,18 @@ async def cmd_contract_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from mlpipe.api.cli import cmd_serve as serve
+
+    return await serve(args)
+
+
+async def cmd_contract_openapi(args: argparse.Namespace) -> int:
+    from mlpipe.api.__main__ import write_openapi
+
+    return write_openapi(Path(args.path), check=args.check)
+
+
 async def cmd_search(args: argparse.Namespace) -> int:
     from consumers.embed.cli import run_search
 
@@ -376,6 +388,15 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--window", default="1 day", help="a Postgres interval, e.g. '7 days'")
     co.add_argument("--json", action="store_true")
 
+    se = add("serve", cmd_serve, "the read API: search, results, workflow state and (admin "
+                                 "token) cost analytics over HTTP")
+    se.add_argument("--host", help="address to listen on (default: MLPIPE_API_HOST, "
+                                   "127.0.0.1); other than loopback needs API tokens")
+    se.add_argument("--port", type=int, help="default: MLPIPE_API_PORT, 8080; 0 picks one")
+    se.add_argument("--backend", choices=["api", "local"],
+                    help="how query texts are embedded (default: api when an API key is "
+                         "configured, else the local model)")
+
     from consumers.embed.cli import add_search_arguments
 
     add_search_arguments(add("search", cmd_search, "similarity search over the stored chunks: "
@@ -391,6 +412,10 @@ def _parser() -> argparse.ArgumentParser:
     csub = con.add_subparsers(metavar="ACTION")
     ce = add("export", cmd_contract_export, "write the JSON Schema files", csub)
     ce.add_argument("--dir", default="contracts")
+    cop = add("openapi", cmd_contract_openapi, "write the read API's OpenAPI document", csub)
+    cop.add_argument("path", nargs="?", default="contracts/openapi.json")
+    cop.add_argument("--check", action="store_true",
+                     help="exit 1 if the file differs from the generated document")
     return p
 
 

@@ -127,3 +127,10 @@ class TopologyMismatch(MlpipeError):
     """A queue or exchange exists with other arguments than mlpipe would declare."""
 
     reason = "topology_mismatch"
+
+
+class ApiConfigError(MlpipeError):
+    """The read API (``mlpipe serve``) cannot start as configured: a public address without
+    tokens, a weak token, an unmigrated schema."""
+
+    reason = "api_config"

@@ -20,16 +20,13 @@ import socket
 from collections.abc import Iterable
 from enum import StrEnum
 
-from mlpipe.errors import MlpipeError
+from mlpipe.errors import ApiConfigError
 
 #: Shorter tokens are guessable; refusing them at start-up beats finding out later.
 MIN_TOKEN_LENGTH = 16
 
-
-class ApiConfigError(MlpipeError):
-    """The API cannot start as configured."""
-
-    reason = "api_config"
+__all__ = ["MIN_TOKEN_LENGTH", "Access", "ApiConfigError", "Role", "TokenSet",
+           "ensure_safe_bind", "is_loopback"]
 
 
 class Access(StrEnum):

@@ -1,10 +1,12 @@
-"""``mlpipe serve``: the read API as a process of its own.
+"""``mlpipe serve``: the read API as a process of its own (``mlpipe.cli`` parses its
+arguments).
 
-Query texts are embedded with the model the stored vectors were made with, chosen the way
-``mlpipe search`` chooses it: the OpenAI-compatible API when ``MLPIPE_OPENAI_API_KEY`` is set
+Query texts must be embedded with the model the stored vectors were made with, chosen as the
+embed handler chooses it: the OpenAI-compatible API when ``MLPIPE_OPENAI_API_KEY`` is set
 (``--backend`` overrides), else the local all-MiniLM-L6-v2 from
-``MLPIPE_EMBEDDING_MODEL_DIR``. Concurrent requests share one micro-batching ``Batcher``, as
-the embed handler does, so the local model runs one inference at a time. The local model is
+``MLPIPE_EMBEDDING_MODEL_DIR``, which works offline. Concurrent requests share one
+micro-batching ``Batcher``, as the embed handler does, so the local model runs one inference
+at a time. The local model is
 loaded before the port opens: a missing model is a start-up error, not a 503 on the first
 search.
 
@@ -24,16 +26,7 @@ from mlpipe.settings import Settings
 
 from .server import ApiConfig, ApiServer
 
-EXIT_OK, EXIT_ERROR = 0, 1
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to listen on (default: MLPIPE_API_HOST, "
-                                       "127.0.0.1); other than loopback needs API tokens")
-    parser.add_argument("--port", type=int, help="default: MLPIPE_API_PORT, 8080; 0 picks one")
-    parser.add_argument("--backend", choices=["api", "local"],
-                        help="how query texts are embedded (default: api when an API key is "
-                             "configured, else local)")
+EXIT_OK = 0
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:

@@ -55,20 +55,18 @@ class ApiConfig:
     def from_settings(cls, settings: Settings, *, host: str | None = None,
                       port: int | None = None,
                       search_model: str = DEFAULT_MODEL) -> ApiConfig:
-        """``api_*`` settings are read with defaults so the server runs before they exist."""
+        """The ``api_*`` settings; ``host``/``port`` given on the command line win."""
         return cls(
             database_url=settings.database_url, database_schema=settings.database_schema,
-            host=host if host is not None else str(getattr(settings, "api_host", "127.0.0.1")),
-            port=port if port is not None else int(getattr(settings, "api_port", 8080)),
-            tokens=_plain(getattr(settings, "api_tokens", ())),
-            admin_tokens=_plain(getattr(settings, "api_admin_tokens", ())),
+            host=host if host is not None else settings.api_host,
+            port=port if port is not None else settings.api_port,
+            tokens=_plain(settings.api_tokens), admin_tokens=_plain(settings.api_admin_tokens),
             budgets=settings.budgets, budget_action=settings.budget_action,
-            search_model=search_model,
-            pool_size=int(getattr(settings, "api_pool_size", 4)))
+            search_model=search_model, pool_size=settings.api_pool_size)
 
 
-def _plain(tokens: Sequence[SecretStr | str]) -> tuple[str, ...]:
-    return tuple(t.get_secret_value() if isinstance(t, SecretStr) else str(t) for t in tokens)
+def _plain(tokens: Sequence[SecretStr]) -> tuple[str, ...]:
+    return tuple(t.get_secret_value() for t in tokens)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
