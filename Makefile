@@ -50,7 +50,7 @@ consume: services ## migrate, then run the daemon on $(QUEUES)
 topology: ## declare exchanges and queues
 	$(MLPIPE) topology
 
-demo: services ## publish one example task per type to a daemon and show what happened
+demo: services ## the whole pipeline offline: spoken clip + texts -> transcript, summaries, search
 	$(PY) scripts/demo.py
 
 bench: services .venv/.bench-installed ## every workload against its baselines, same run (<10 min)
