@@ -199,8 +199,9 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("embed_batching", "5. embedding micro-batching", (
         ("batched", "batched"), ("per_message", "one call per message")), ratios=False),
     Workload("memory", "6. daemon RSS", (
-        ("idle", "idle"), ("after_a", "after first count"), ("after_b", "after second count")),
-        ratios=False),
+        ("idle", "idle"), ("after_a", "after first count"), ("after_b", "after second count"),
+        ("models_idle", "shipped handlers, idle"),
+        ("models_loaded", "offline models loaded")), ratios=False),
 )
 
 

@@ -254,16 +254,32 @@ def _dig(doc: Any, *path: str) -> float | None:
 
 async def memory(b: Bench) -> None:
     from bench.full_path import throwaway_schema
-    from bench.memory import measure_memory
+    from bench.memory import measure_memory, measure_model_memory
 
     a, c = b.plan.memory_counts
     with broker.vhost("memory") as url:
         async with throwaway_schema(b.dsn, REDIS_URL) as stores:
             m = await measure_memory(url, stores, (a, c))
+            b.figures += [
+                figure("memory", "idle", "MB", [m.idle_mb], note="idle, after start-up"),
+                figure("memory", "after_a", "MB", [m.after_a_mb], note=f"after {a:,} tasks"),
+                figure("memory", "after_b", "MB", [m.after_b_mb], note=f"after {c:,} tasks"),
+            ]
+    with broker.vhost("models") as url:
+        async with throwaway_schema(b.dsn, REDIS_URL) as stores:
+            try:
+                mm = await measure_model_memory(url, stores)
+            except Exception as exc:
+                b.errors["memory/models"] = _why(exc)
+                print(f"  memory/models: FAILED {b.errors['memory/models']}", file=sys.stderr)
+                b.figures += [missing("memory", k, "MB", b.errors["memory/models"])
+                              for k in ("models_idle", "models_loaded")]
+                return
     b.figures += [
-        figure("memory", "idle", "MiB", [m.idle_mib], note="idle, after start-up"),
-        figure("memory", "after_a", "MiB", [m.after_a_mib], note=f"after {a:,} tasks"),
-        figure("memory", "after_b", "MiB", [m.after_b_mib], note=f"after {c:,} tasks"),
+        figure("memory", "models_idle", "MB", [mm.idle_mb],
+               note="shipped handlers, idle, nothing loaded"),
+        figure("memory", "models_loaded", "MB", [mm.loaded_mb],
+               note="after one local embed + one local transcribe"),
     ]
 
 
@@ -286,7 +302,8 @@ _OWED: dict[str, tuple[tuple[str, str, str], ...]] = {
     "latency": tuple((w, c, "ms") for w in ("latency_p50", "latency_p99")
                      for c in ("mlpipe", "raw_aio_pika")),
     "embed": (("embed_batching", "batched", "msg/s"), ("embed_batching", "per_message", "msg/s")),
-    "memory": tuple(("memory", c, "MiB") for c in ("idle", "after_a", "after_b")),
+    "memory": tuple(("memory", c, "MB") for c in ("idle", "after_a", "after_b", "models_idle",
+                                                   "models_loaded")),
 }
 
 

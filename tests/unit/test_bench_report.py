@@ -42,9 +42,9 @@ def _complete() -> list[Figure]:
         figure("latency_p99", "raw_aio_pika", "ms", [10.0], higher_is_better=False),
         figure("embed_batching", "batched", "msg/s", [500]),
         figure("embed_batching", "per_message", "msg/s", [100]),
-        figure("memory", "idle", "MiB", [60.0]),
-        figure("memory", "after_a", "MiB", [70.0], note="after 10,000 tasks"),
-        figure("memory", "after_b", "MiB", [72.0], note="after 20,000 tasks"),
+        figure("memory", "idle", "MB", [60.0]),
+        figure("memory", "after_a", "MB", [70.0], note="after 10,000 tasks"),
+        figure("memory", "after_b", "MB", [72.0], note="after 20,000 tasks"),
     ]
 
 
@@ -100,8 +100,8 @@ def test_targets_fail_below_their_thresholds() -> None:
     figures = {f.key: f for f in _complete()}
     figures[("noop_consume", "mlpipe")] = figure("noop_consume", "mlpipe", "msg/s", [3000])
     figures[("full_path", "mlpipe")] = figure("full_path", "mlpipe", "msg/s", [1800])
-    figures[("memory", "idle")] = figure("memory", "idle", "MiB", [80.0])
-    figures[("memory", "after_b")] = figure("memory", "after_b", "MiB", [77.5])
+    figures[("memory", "idle")] = figure("memory", "idle", "MB", [80.0])
+    figures[("memory", "after_b")] = figure("memory", "after_b", "MB", [77.5])
     verdicts = {c.target.name: c.verdict for c in check_all(figures.values())}
     assert verdicts["no-op consume vs raw aio-pika"] == "FAIL"  # 3000 / 3800 = 0.79
     assert verdicts["no-op consume vs Celery"] == "PASS"  # 3.0x exactly is enough
