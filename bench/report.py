@@ -1,4 +1,5 @@
-"""Turning measured figures into ratios, target verdicts, a table and JSON. Pure: no I/O.
+"""Turning measured figures into ratios, target verdicts, tables and JSON. Pure: no I/O
+(except ``python -m bench.report FILE``, which prints the README table of a results file).
 
 Kept apart from the measuring code so that the arithmetic that decides PASS or FAIL is unit
 tested (``tests/unit/test_bench_report.py``) and cannot drift with the workloads. Ratios are
@@ -285,6 +286,37 @@ def render(figures: Iterable[Figure], checks: Sequence[Check], *, title: str = "
     return "\n".join(out)
 
 
+def figures_from_json(doc: Mapping[str, Any]) -> list[Figure]:
+    """The figures of a results file, as ``Report.to_json`` wrote them."""
+    return [Figure(f["workload"], f["contender"], f["unit"], f["value"],
+                   tuple(f.get("samples", ())), f.get("higher_is_better", True),
+                   f.get("note", "")) for f in doc["figures"]]
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The README's performance table, made from a results file (``python -m bench.report
+    bench/results/latest.json``), so the README shows measured figures and nothing else."""
+    figures = figures_from_json(doc)
+    index = {f.key: f for f in figures}
+    env = doc.get("environment", {})
+    load = (f"load average {env['load_avg_start'][0]} at start, {env['load_avg_end'][0]} at end"
+            if "load_avg_start" in env and "load_avg_end" in env else "load average unknown")
+    out = [f"`make bench` ({doc.get('mode', '?')} run, {doc.get('started_at', '?')}, "
+           f"{doc.get('seconds', 0):.0f} s, {env.get('cpus', '?')} CPUs shared with other work, "
+           f"{load}; RabbitMQ {env.get('rabbitmq', '?')}, Python {env.get('python', '?')}, "
+           f"commit {env.get('commit', '?')}; best of {doc.get('plan', {}).get('rounds', '?')} "
+           "interleaved rounds):", "",
+           "| workload | contender | figure | mlpipe ÷ it |", "|---|---|---|---|"]
+    for w_title, label, value, rel in _rows(index):
+        out.append(f"| {w_title} | {label} | {value} | {rel} |")
+    out += ["", "| target | measured | needed | result |", "|---|---|---|---|"]
+    for c in check_all(figures):
+        why = f" ({_short(c.why)})" if c.why else ""
+        out.append(f"| {c.target.name} | {_fmt_measured(c)} | {_fmt_needed(c.target)} | "
+                   f"{c.verdict}{why} |")
+    return "\n".join(out)
+
+
 # --- JSON ---------------------------------------------------------------------------------------
 
 
@@ -325,3 +357,12 @@ class Report:
             "errors": self.errors,
             "notes": self.notes,
         }
+
+
+if __name__ == "__main__":  # pragma: no cover - a two-line command-line wrapper
+    import json
+    import sys
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest.json"
+    with open(path) as f:
+        print(markdown(json.load(f)))

@@ -16,6 +16,8 @@ from bench.report import (
     check,
     check_all,
     figure,
+    figures_from_json,
+    markdown,
     missing,
     percentile,
     ratio,
@@ -184,3 +186,34 @@ def test_report_json_carries_ratios_targets_and_samples() -> None:
     assert noop["samples"] == [3000.0, 3400.0]
     assert noop["value"] == 3400.0
     assert doc["notes"] == {"latency/x": "slow"}
+
+
+def test_markdown_table_is_made_from_a_results_file() -> None:
+    figures = _complete()
+    report = Report(started_at="2026-01-01T00:00:00Z", mode="full", seconds=300.4,
+                    environment={"cpus": 2, "load_avg_start": [1.5, 1, 1],
+                                 "load_avg_end": [2.25, 1, 1], "rabbitmq": "3.10.8",
+                                 "python": "3.11.7", "commit": "abc123"},
+                    plan={"rounds": 3}, figures=figures)
+    doc = json.loads(json.dumps(report.to_json()))
+    assert [f.key for f in figures_from_json(doc)] == [f.key for f in figures]
+    text = markdown(doc)
+    lines = text.splitlines()
+    assert "full run, 2026-01-01T00:00:00Z, 300 s, 2 CPUs" in lines[0]
+    assert "load average 1.5 at start, 2.25 at end" in lines[0]
+    assert "| 1. no-op consume | mlpipe | 3,400 msg/s |  |" in lines
+    assert "|  | raw aio-pika | 3,800 msg/s | 0.89x |" in lines
+    assert "| no-op consume vs raw aio-pika | 0.89x | >= 0.85x | PASS |" in lines
+    assert "| idle daemon RSS (MB) | 60.0 | < 80 | PASS |" in lines
+
+
+def test_markdown_shows_why_a_target_was_not_measured() -> None:
+    figures = [f for f in _complete() if f.workload != "memory"]
+    figures += [missing("memory", k, "MB", "espeak-ng failed")
+                for k in ("idle", "after_a", "after_b")]
+    doc = json.loads(json.dumps(Report(started_at="t", mode="quick", seconds=1.0,
+                                       environment={}, plan={}, figures=figures).to_json()))
+    text = markdown(doc)
+    assert "load average unknown" in text
+    assert "| idle daemon RSS (MB) | n/a | < 80 | NOT MEASURED (espeak-ng failed) |" in text
+    assert "— (espeak-ng failed)" in text
