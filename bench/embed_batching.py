@@ -2,11 +2,18 @@
 backend call per message, both with the local MiniLM model through the real daemon (effects
 executor: Redis locks, Postgres results and vectors) in the same run.
 
-``measure(settings, n)`` runs the same ``n`` single-chunk messages twice on the ``embed_local``
-queue: once with ``settings.embed_batch_size``/``embed_batch_wait_ms``, once with a batch size
-of 1 (every request flushed alone). Each run first handles one warm-up message so model
-loading is not timed, then publishes ``n`` messages and times until all are done. Only the
-ratio of the two is meant to be compared.
+``measure(settings, n)`` runs the same ``n`` single-chunk messages in two modes on the
+``embed_local`` queue: once with ``settings.embed_batch_size``/``embed_batch_wait_ms``, once
+with a batch size of 1 (every request flushed alone). Same messages, model, daemon and storage;
+only the batching differs. Each run first handles one warm-up message so model loading is not
+timed, then publishes ``n`` messages and times until all are done.
+
+Besides messages per second, each mode reports where the CPU went (``cpu_ms_per_msg``: the
+whole process, daemon and publisher; ``backend_ms_per_text``: time inside model calls), and
+``model_only`` measures the model alone on the same texts (one text per call versus calls of
+``embed_batch_size``): the most batching can win on this machine, whatever the daemon does.
+On a CPU the forward pass is compute-bound (its cost grows with the tokens, not the calls), so
+that ceiling is small; batching pays most against per-call latency (a GPU, an HTTP API).
 
 ``settings`` must point at a throwaway vhost, a Postgres schema (migrated here if needed) and
 a lock prefix of the benchmark's own.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import tempfile
 import time
 import uuid
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.embed import LOCAL_BATCHER, register
+from consumers.embed.local import LocalEmbedder
 from consumers.embed.models import install
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.effects import Effects
@@ -75,19 +84,54 @@ async def _run(settings: Settings, label: str, texts: list[str]) -> dict[str, An
             async with in_flight:
                 await producer.publish(_task(f"{label}-{run_id}-{i}", text))
 
+        cpu_before = _cpu_s()
         started = time.perf_counter()
         await asyncio.gather(*(publish(i, text) for i, text in enumerate(texts)))
         await wait_for(lambda: daemon.status().tasks_done >= n + 1, timeout=max(120.0, n),
                        interval=0.005, message=f"{n} {label} messages done")
         elapsed = time.perf_counter() - started
+        cpu = _cpu_s() - cpu_before
         after = batcher.stats()
     calls = after.batches - before.batches
+    sent = after.texts - before.texts
+    backend_s = after.backend_s - before.backend_s
     return {"seconds": round(elapsed, 3), "messages_per_s": round(n / elapsed, 1),
-            "backend_calls": calls, "texts": after.texts - before.texts,
-            "texts_per_call": round((after.texts - before.texts) / max(1, calls), 2),
+            "backend_calls": calls, "texts": sent,
+            "texts_per_call": round(sent / max(1, calls), 2),
             "largest_batch": after.largest_batch,
+            "cpu_ms_per_msg": round(cpu / n * 1000, 2),
+            "backend_ms_per_text": round(backend_s / max(1, sent) * 1000, 2),
+            "backend_busy": round(backend_s / elapsed, 2),
             "batch_size": settings.embed_batch_size,
             "batch_wait_ms": settings.embed_batch_wait_ms}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process (every thread: event loop, model, publisher)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _model_only(model_dir: str, texts: list[str], batch: int) -> dict[str, Any]:
+    """The model alone, no daemon: one text per call versus calls of ``batch`` texts over the
+    same texts, best of three passes each (blocking; run in a thread)."""
+    embedder = LocalEmbedder(model_dir)
+    embedder.encode(texts[:batch])  # load and warm up
+    result: dict[str, Any] = {}
+    for key, size in (("one_per_call", 1), ("batched", batch)):
+        best = (float("inf"), 0.0)
+        for _ in range(3):
+            cpu, wall = _cpu_s(), time.perf_counter()
+            for at in range(0, len(texts), size):
+                embedder.encode(texts[at:at + size])
+            best = min(best, (time.perf_counter() - wall, _cpu_s() - cpu))
+        wall_s, cpu_s = best
+        result[key] = {"texts_per_s": round(len(texts) / wall_s, 1),
+                       "cpu_ms_per_text": round(cpu_s / len(texts) * 1000, 2)}
+    result["speedup"] = round(result["batched"]["texts_per_s"]
+                              / result["one_per_call"]["texts_per_s"], 2)
+    result["batch_size"] = batch
+    return result
 
 
 async def measure(settings: Settings, n_messages: int, *, rounds: int = 3) -> dict[str, Any]:
@@ -105,10 +149,15 @@ async def measure(settings: Settings, n_messages: int, *, rounds: int = 3) -> di
         for _ in range(rounds):
             samples["batched"].append(await _run(batched, "batched", texts))
             samples["one_call_per_message"].append(await _run(single, "single", texts))
+        model_only = await asyncio.to_thread(_model_only, model_dir, texts[:256],
+                                             settings.embed_batch_size)
     best = {mode: max(runs, key=lambda r: r["messages_per_s"]) for mode, runs in samples.items()}
     return {"workload": "embed_batching", "n_messages": n_messages, "rounds": rounds,
             **best,
             "speedup": round(best["batched"]["messages_per_s"]
                              / best["one_call_per_message"]["messages_per_s"], 2),
+            "cpu_speedup": round(best["one_call_per_message"]["cpu_ms_per_msg"]
+                                 / best["batched"]["cpu_ms_per_msg"], 2),
+            "model_only": model_only,
             "samples_messages_per_s": {mode: [r["messages_per_s"] for r in runs]
                                        for mode, runs in samples.items()}}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -53,6 +54,8 @@ class BatcherStats:
     requests: int
     failed_batches: int
     largest_batch: int
+    #: Seconds spent inside backend calls (how busy the model or the API kept this batcher).
+    backend_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -92,6 +95,7 @@ class Batcher:
         self._timer: asyncio.Task[None] | None = None
         self._closing = False
         self._batches = self._texts = self._requests = self._failed = self._largest = 0
+        self._backend_s = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -123,7 +127,7 @@ class Batcher:
 
     def stats(self) -> BatcherStats:
         return BatcherStats(self._batches, self._texts, self._requests, self._failed,
-                            self._largest)
+                            self._largest, self._backend_s)
 
     # --- callers ------------------------------------------------------------------------------
 
@@ -235,6 +239,7 @@ class Batcher:
             self._batches += 1
             self._texts += len(part)
             self._largest = max(self._largest, len(part))
+            started = time.perf_counter()
             try:
                 out = await self.backend(part, model)
                 if len(out.vectors) != len(part):
@@ -244,6 +249,8 @@ class Batcher:
             except BaseException:
                 self._failed += 1
                 raise
+            finally:
+                self._backend_s += time.perf_counter() - started
             vectors.extend(out.vectors)
             tokens = None if tokens is None or out.tokens is None else tokens + out.tokens
         log.debug("embed.batch", batcher=self.name, model=model, texts=len(texts))
