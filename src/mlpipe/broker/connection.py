@@ -60,6 +60,8 @@ class BrokerConnection:
         dropped and retried like any other failure.
     :param on_disconnect: called when an established connection is lost.
     :param backoff: reconnect delays.
+    :param setup_timeout_s: longest ``on_connect`` may take before the connection is dropped
+        and retried.
     """
 
     def __init__(
@@ -70,12 +72,14 @@ class BrokerConnection:
         on_connect: ConnectHook | None = None,
         on_disconnect: DisconnectHook | None = None,
         backoff: Backoff = Backoff(),
+        setup_timeout_s: float = 30.0,
     ) -> None:
         self._url = url
         self._name = name
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._backoff = backoff
+        self._setup_timeout = setup_timeout_s
         self._conn: AbstractConnection | None = None
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
@@ -188,7 +192,7 @@ class BrokerConnection:
         self._conn = conn
         conn.close_callbacks.add(self._on_close)
         if self._on_connect is not None:
-            await self._on_connect(conn)
+            await self._run_hook(conn, self._on_connect)
         if conn.is_closed or self._lost.is_set():
             raise ConnectionError("connection closed during set-up")
         if self._ever_connected:
@@ -200,6 +204,30 @@ class BrokerConnection:
         self.state = State.CONNECTED
         self._connected.set()
         log.info("amqp.connected", connection=self._name, reconnects=self.reconnects)
+
+    async def _run_hook(self, conn: AbstractConnection, hook: ConnectHook) -> None:
+        """Run the set-up hook, but never longer than the connection lives or than
+        ``setup_timeout_s``: an RPC (declare, qos, consume) on a connection that dies under it
+        can stay pending, and a supervisor stuck here would never reconnect."""
+        setup = asyncio.ensure_future(hook(conn))
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait({setup, lost}, timeout=self._setup_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            setup.cancel()
+            raise
+        finally:
+            lost.cancel()
+        if setup in done:
+            setup.result()  # the hook's own error, if any
+            return
+        setup.cancel()
+        with contextlib.suppress(BaseException):
+            await setup
+        if self._lost.is_set():
+            raise ConnectionError("connection lost during set-up")
+        raise TimeoutError(f"connection set-up took longer than {self._setup_timeout}s")
 
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         if exc is not None:
