@@ -57,7 +57,7 @@ class Plan:
     memory_counts: tuple[int, int]
 
 
-FULL = Plan(rounds=3, noop_n=10_000, celery_n=5_000, full_n=4_000, publish_serial_n=1_000,
+FULL = Plan(rounds=5, noop_n=10_000, celery_n=5_000, full_n=4_000, publish_serial_n=1_000,
             publish_in_flight_n=10_000, in_flight=256, latency_rate=500, latency_s=6,
             latency_rounds=2, embed_n=400, memory_counts=(10_000, 20_000))
 QUICK = Plan(rounds=1, noop_n=2_000, celery_n=1_000, full_n=800, publish_serial_n=300,
