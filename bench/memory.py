@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -156,6 +157,9 @@ async def measure_model_memory(url: str, stores: Stores) -> ModelMemory:
     """RSS of the shipped handlers' daemon once both offline models served a task."""
     async with broker.connection(url) as conn, conn.channel() as ch:
         await declare(ch, Topology())
+    if shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None:
+        raise RuntimeError("espeak-ng and ffmpeg are needed (as for make demo): "
+                           "apt-get install -y espeak-ng ffmpeg")
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         clip = Path(tmp, "clip.wav")
         speak = await asyncio.create_subprocess_exec(
