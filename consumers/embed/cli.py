@@ -14,18 +14,13 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mlpipe.contract.models import ContentType, EmbeddingType
 from mlpipe.settings import Settings
 
 if TYPE_CHECKING:  # the heavy imports wait for a search: `mlpipe --help` stays quick
-    import asyncpg
-
-    from mlpipe.search import Hit, VectorLike
-
-    from .backend import EmbedBackend
+    from mlpipe.search import Hit
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 SNIPPET = 160
@@ -57,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_search(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    from mlpipe.search import ShareNotEmbedded, search, similar_to_share
+    from mlpipe.search import ShareNotEmbedded
 
-    settings = settings or Settings()
+    from .searcher import Searcher
+
     query: str | None = getattr(args, "query", None)
     share: str | None = getattr(args, "share", None)
     limit: int = getattr(args, "limit", 10)
@@ -69,52 +65,26 @@ async def run_search(args: argparse.Namespace, settings: Settings | None = None)
     if not 1 <= limit <= 1000:
         print("mlpipe search: --limit must be between 1 and 1000", file=sys.stderr)
         return EXIT_USAGE
-    backend = _backend(settings, getattr(args, "backend", None))
-    model: str = getattr(args, "model", None) or backend.default_model
+    platform = getattr(args, "platform", None)
     content_type = getattr(args, "content_type", None) or getattr(args, "type", None)
-    conn = await _connect(settings)
+    embedding_type = getattr(args, "embedding_type", None)
     try:
-        if query:
-            async def embed(texts: list[str]) -> Sequence[VectorLike]:
-                return (await backend(texts, model)).vectors
-
-            hits = await search(conn, query, embedder=embed, limit=limit, share_id=share,
-                                platform=getattr(args, "platform", None),
-                                content_type=content_type,
-                                embedding_type=getattr(args, "embedding_type", None),
-                                model=model)
-        else:
-            assert share is not None
-            hits = await similar_to_share(
-                conn, share, limit=limit, model=model,
-                embedding_type=getattr(args, "embedding_type", None) or "content",
-                platform=getattr(args, "platform", None), content_type=content_type)
+        async with Searcher(settings, backend=getattr(args, "backend", None),
+                            model=getattr(args, "model", None), pool_size=1) as searcher:
+            if query:
+                hits = await searcher.search(query, limit=limit, share_id=share,
+                                             platform=platform, content_type=content_type,
+                                             embedding_type=embedding_type)
+            else:
+                assert share is not None
+                hits = await searcher.similar(share, limit=limit,
+                                              embedding_type=embedding_type or "content",
+                                              platform=platform, content_type=content_type)
     except ShareNotEmbedded as exc:
         print(f"mlpipe search: {exc.args[0]}", file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        await conn.close()
-        await backend.aclose()
     _print(hits, as_json=bool(getattr(args, "json", False)))
     return EXIT_OK
-
-
-def _backend(settings: Settings, wanted: str | None) -> EmbedBackend:
-    from .api import ApiEmbedder
-    from .local import LocalEmbedder
-
-    use_api = wanted == "api" or (wanted is None and settings.openai_api_key is not None)
-    return ApiEmbedder(settings) if use_api else LocalEmbedder(settings.embedding_model_dir)
-
-
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    import asyncpg
-
-    schema = settings.database_schema
-    return await asyncpg.connect(
-        settings.database_url, timeout=10,
-        server_settings={"search_path": schema if schema == "public" else f"{schema}, public",
-                         "application_name": "mlpipe-search"})
 
 
 def _print(hits: list[Hit], *, as_json: bool) -> None:

@@ -29,6 +29,7 @@ from consumers.embed.cli import build_parser, run_search
 from consumers.embed.handler import api_model
 from consumers.embed.local import MODEL_NAME, LocalEmbedder
 from consumers.embed.models import ModelNotInstalled, install
+from consumers.embed.searcher import Searcher
 from consumers.embed.store import ChunkStore
 from mlpipe.broker.topology import Topology
 from mlpipe.contract.models import EmbeddingType, EmbedOptions, Task, TaskType, build_task
@@ -176,6 +177,16 @@ async def test_search_returns_the_right_document_first(settings: Settings, pool:
     assert related[0].share_id == "station"
     assert "rockets" not in {h.share_id for h in related}
     assert len({h.share_id for h in related}) == len(related)  # one hit per share
+
+    # the settings-only Python API: same answers, plus the embedding-type filter
+    async with Searcher(settings, backend="local") as searcher:
+        assert searcher.model == MODEL_NAME
+        [hit] = await searcher.search("how to make bread with a wild yeast starter", limit=1)
+        assert (hit.share_id, hit.chunk_index) == ("sourdough", 0)
+        assert await searcher.search("bread", embedding_type="summary") == []
+        content = await searcher.search("bread", embedding_type="content", limit=3)
+        assert [h.embedding_type for h in content] == ["content"] * 3
+        assert (await searcher.similar("rockets", limit=1))[0].share_id == "station"
 
     [row] = await pool.fetch("SELECT result_data, model_version FROM ml_results "
                              "WHERE share_id = 'cats'")
