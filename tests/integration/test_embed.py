@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -214,6 +216,21 @@ async def test_search_cli(settings: Settings, model_dir: str,
     assert await run_search(parser.parse_args(["--backend", "local"]), settings) == 2
     assert await run_search(parser.parse_args(["--share", "nope", "--backend", "local"]),
                             settings) == 1
+
+    # the installed command, as a user runs it (settings from the environment)
+    env = {**os.environ, "MLPIPE_DATABASE_URL": settings.database_url,
+           "MLPIPE_DATABASE_SCHEMA": settings.database_schema,
+           "MLPIPE_EMBEDDING_MODEL_DIR": model_dir}
+    env.pop("MLPIPE_OPENAI_API_KEY", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlpipe.cli", "search", "the sound a kitten makes when it is happy",
+        "--limit", "1", "--platform", "tiktok", "--json", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    [hit] = json.loads(out)
+    assert (hit["share_id"], hit["metadata"]["platform"]) == ("cats", "tiktok")
+    assert 0 < hit["similarity"] <= 1.0001
 
 
 # --- transcripts ------------------------------------------------------------------------------
