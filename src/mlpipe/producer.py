@@ -169,7 +169,9 @@ class Producer:
         self._ready.clear()
         self._channel = None
 
-    def _on_channel_close(self, _ch: Any, exc: BaseException | None = None) -> None:
+    def _on_channel_close(self, ch: Any, exc: BaseException | None = None) -> None:
+        if ch is not self._channel:
+            return  # an old channel, already given up on (see _wait_channel)
         self._ready.clear()
         self._channel = None
         if not self._closed:
@@ -272,6 +274,14 @@ class Producer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishTimeout("broker unreachable for the whole publish timeout")
+            if self._ready.is_set() and not self._closed:
+                # "Ready" on a channel that is already closed: the connection died and its close
+                # callbacks have not run yet. ``_ready.wait()`` would return at once and this
+                # loop would spin without ever yielding, starving those very callbacks (and
+                # every other task: lock renewals, heartbeats) until the publish deadline.
+                self._ready.clear()
+                self._channel = None
+                self._conn.request_reconnect("publisher channel found closed")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, 1.0)):
                     await self._ready.wait()

@@ -113,3 +113,36 @@ async def test_publish_fails_loudly_when_buffer_is_full_or_circuit_open(broker_u
             await producer.publish(task)
     finally:
         await producer.close()
+
+
+async def test_publish_on_a_channel_closed_before_its_callbacks_ran_never_blocks_the_loop(
+        broker_url: str) -> None:
+    """Found by ``make chaos``: after a broker restart the publisher channel reports closed
+    while the producer still holds it as ready (its close callbacks are queued behind the
+    publishing task). A publish then spun without yielding for the whole publish timeout,
+    freezing the daemon: no lock renewals, no reconnect. Now it gives the channel up,
+    reconnects, and the loop keeps turning meanwhile."""
+    settings = Settings(broker_url=broker_url, publish_timeout_s=10, reconnect_base_s=0.05)
+    async with Producer(settings) as producer:
+        channel = producer._channel
+        assert channel is not None
+        channel.close_callbacks.discard(producer._on_channel_close)  # "not run yet"
+        await channel.close()
+        assert producer._ready.is_set()
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        beat = asyncio.create_task(heartbeat())
+        try:
+            task = build_task(TaskType.EMBED_VECTORS, "dead-channel", {"content": {"text": "t"}})
+            receipt = await asyncio.wait_for(producer.publish(task), timeout=10)
+        finally:
+            beat.cancel()
+        assert receipt.attempts == 1
+        assert producer._conn.reconnects == 1
+        assert ticks >= 3, "the event loop stood still while the publish waited"
