@@ -309,7 +309,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
            "| workload | contender | figure | mlpipe ÷ it |", "|---|---|---|---|"]
     for w_title, label, value, rel in _rows(index):
         out.append(f"| {w_title} | {label} | {value} | {rel} |")
-    out += ["", "| target | measured | needed | result |", "|---|---|---|---|"]
+    out += ["", "mlpipe ÷ it: mlpipe's figure over that contender's, same run; above 1 is better "
+            "for msg/s, below 1 for ms and us/msg.",
+            "", "| target | measured | needed | result |", "|---|---|---|---|"]
     for c in check_all(figures):
         why = f" ({_short(c.why)})" if c.why else ""
         out.append(f"| {c.target.name} | {_fmt_measured(c)} | {_fmt_needed(c.target)} | "
