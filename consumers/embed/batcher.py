@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -96,6 +96,8 @@ class Batcher:
         self._closing = False
         self._batches = self._texts = self._requests = self._failed = self._largest = 0
         self._backend_s = 0.0
+        #: Told the size of every backend call (the daemon's batch-size histogram).
+        self.on_batch: Callable[[int], None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -239,6 +241,8 @@ class Batcher:
             self._batches += 1
             self._texts += len(part)
             self._largest = max(self._largest, len(part))
+            if self.on_batch is not None:
+                self.on_batch(len(part))
             started = time.perf_counter()
             try:
                 out = await self.backend(part, model)

@@ -22,7 +22,7 @@ from mlpipe.contract.models import (
     Task,
 )
 from mlpipe.errors import PermanentError
-from mlpipe.handlers import Cost, HandlerResult, TaskContext
+from mlpipe.handlers import METRICS_RESOURCE, Cost, HandlerResult, TaskContext
 from mlpipe.settings import Settings
 
 from .batcher import Batcher
@@ -97,6 +97,8 @@ class EmbedHandler:
         chunks = plan.chunking.chunks
         name = LOCAL_BATCHER if plan.backend is Backend.LOCAL else API_BATCHER
         batcher: Batcher = ctx.resources[name]
+        if batcher.on_batch is None and (metrics := ctx.resources.get(METRICS_RESOURCE)):
+            batcher.on_batch = metrics.embedding_batch.observe
         store: ChunkStore = ctx.resources[STORE]
         embedded = await batcher.submit([c.text for c in chunks], model=plan.model)
         dims = len(embedded.vectors[0])

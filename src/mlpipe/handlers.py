@@ -77,6 +77,10 @@ class HandlerSpec:
     estimate_cost: CostEstimator | None = None
 
 
+#: The daemon's ``Metrics`` among a handler's resources, for handlers with figures of their own
+#: (the embedding batch sizes).
+METRICS_RESOURCE = "mlpipe.metrics"
+
 #: Makes a long-lived resource (a model, an API client, a micro-batcher) for the daemon's
 #: lifetime: entered when the daemon starts, exited after it drained.
 ResourceFactory = Callable[[], AbstractAsyncContextManager[Any]]

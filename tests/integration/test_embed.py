@@ -342,7 +342,12 @@ async def test_concurrent_deliveries_share_backend_calls(settings: Settings,
         await wait_for(lambda: daemon.status().tasks_done >= n, timeout=60,
                        message="all deliveries done")
         stats = daemon.resources[LOCAL_BATCHER].stats()
+        histogram = {s.name: s.value for m in daemon.metrics.embedding_batch.collect()
+                     for s in m.samples}
     assert stats.requests == n
+    # the daemon's batch-size histogram saw every backend call
+    assert histogram["mlpipe_embedding_batch_size_count"] == stats.batches
+    assert histogram["mlpipe_embedding_batch_size_sum"] == n
     assert stats.texts == n
     assert stats.batches < n / 2, stats
     assert stats.largest_batch > 1

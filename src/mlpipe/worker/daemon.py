@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractConnection
 
 from mlpipe.broker.connection import Backoff, BrokerConnection
 from mlpipe.broker.topology import WorkQueue, declare
-from mlpipe.handlers import Registry
+from mlpipe.handlers import METRICS_RESOURCE, Registry
 from mlpipe.observability.http import HealthServer, ReadinessCheck
 from mlpipe.observability.metrics import Metrics
 from mlpipe.producer import Producer
@@ -86,6 +86,7 @@ class Daemon:
         self.resources: dict[str, Any] = dict(resources or {})
         self._resource_stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()
+        self.resources.setdefault(METRICS_RESOURCE, self.metrics)
         executor = executor or DirectExecutor(settings)
         if isinstance(executor, PublishingExecutor):
             executor.attach(self.producer, self.metrics)
