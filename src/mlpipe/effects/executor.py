@@ -99,20 +99,8 @@ class EffectsExecutor:
             raise Deferred(f"{tt} for {task.share_id} is locked by another run",
                            reason="lock_contention", delay_s=min(ttl, MAX_DEFER_S))
         async with lease:
-            async with unavailable_is_transient("workflow check"):
-                if await video.superseded(self._pool, task):
-                    ctx.log.info("task.superseded", why="rich embedding already stored")
-                    return None
-            if not task.payload.options.force_recompute:
-                async with unavailable_is_transient("stored-result check"):
-                    stored = await results.get(self._pool, task.share_id, tt)
-                if stored is not None and stored.input_hash == digest:
-                    ctx.log.info("task.already_done")
-                    await self._flush(task)  # events a crash kept from going out
-                    return None
-            async with unavailable_is_transient("workflow start"):
-                await video.before_run(self._pool, task, self._timer)
-            await self._flush(task)  # the workflow deadline, if one was just armed
+            if await self._nothing_to_do(task, digest, ctx):
+                return None
             parked = await self._find_parked(task, digest, ctx)
             if parked is not None:  # paid for by an earlier delivery whose store failed
                 ctx.log.info("task.parked_result_stored", processing_ms=parked.processing_ms)
@@ -139,6 +127,26 @@ class EffectsExecutor:
                 raise
             await self._flush(task)
             return result
+
+    async def _nothing_to_do(self, task: Task, digest: str, ctx: TaskContext) -> bool:
+        """Under the lock: is the work already covered (superseded by the video workflow, or
+        stored from this very input)? Also moves a video workflow to ``video_transcribing``."""
+        async with unavailable_is_transient("workflow check"):
+            if await video.superseded(self._pool, task):
+                ctx.log.info("task.superseded", why="rich embedding already stored")
+                return True
+        if not task.payload.options.force_recompute:
+            async with unavailable_is_transient("stored-result check"):
+                stored = await results.get(self._pool, task.share_id, task.task_type.value)
+            if stored is not None and stored.input_hash == digest:
+                ctx.log.info("task.already_done")
+                await self._flush(task)  # events a crash kept from going out
+                return True
+        if video.is_video(task):
+            async with unavailable_is_transient("workflow start"):
+                await video.before_run(self._pool, task, self._timer)
+            await self._flush(task)  # the workflow deadline, if one was just armed
+        return False
 
     async def collect_metrics(self, metrics: Metrics) -> None:
         """Workflow gauges, read at scrape time: a replica that is down exports nothing stale."""
