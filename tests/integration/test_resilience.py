@@ -77,7 +77,9 @@ async def test_forced_connection_close_loses_no_confirmed_message(
         await wait_for(lambda: daemon.status().reconnects >= 2 and daemon.status().connected
                        and all(daemon.status().consuming.values()), timeout=30,
                        message="daemon reconnected and consuming")
-        assert producer.status().reconnects >= 2
+        # the second close may land after the last publish: the producer reconnects on its own
+        await wait_for(lambda: producer.status().reconnects >= 2, timeout=30,
+                       message="producer reconnected twice")
     assert confirmed <= handled
     # raising is allowed by the contract; here the outage is short, so all should confirm
     assert not raised, {k: repr(v) for k, v in list(raised.items())[:5]}
