@@ -28,7 +28,8 @@ from mlpipe.store.pool import UNAVAILABLE
 EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS chaos_effects (
     id bigserial PRIMARY KEY, share_id text NOT NULL, task_type text NOT NULL,
-    kind text NOT NULL, pid integer NOT NULL, at timestamptz NOT NULL DEFAULT now())
+    kind text NOT NULL, pid integer NOT NULL, attempt integer NOT NULL,
+    message_id text, at timestamptz NOT NULL DEFAULT now())
 """
 
 
@@ -51,9 +52,9 @@ def build_registry(settings: Settings) -> Registry:
     async def record(ctx: TaskContext, task: Task, kind: str) -> None:
         try:
             await ctx.resources["chaos.db"].execute(
-                "INSERT INTO chaos_effects (share_id, task_type, kind, pid) "
-                "VALUES ($1, $2, $3, $4)", task.share_id, task.task_type.value, kind,
-                os.getpid())
+                "INSERT INTO chaos_effects (share_id, task_type, kind, pid, attempt, message_id) "
+                "VALUES ($1, $2, $3, $4, $5, $6)", task.share_id, task.task_type.value, kind,
+                os.getpid(), ctx.attempt, ctx.message_id)
         except UNAVAILABLE as exc:
             raise TransientError(f"effect not recorded: {exc}") from exc
 

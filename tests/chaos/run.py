@@ -73,6 +73,9 @@ class Report:
     double_results: list[str] = field(default_factory=list)
     duplicate_effects_explained: list[str] = field(default_factory=list)
     duplicate_effects_lease_lost: list[str] = field(default_factory=list)
+    duplicate_effects_failed_run: list[str] = field(default_factory=list)
+    #: Per re-run share worth a look: what each execution was.
+    details: dict[str, str] = field(default_factory=dict)
     duplicate_effects_unexplained: list[str] = field(default_factory=list)
     hostile_sent: int = 0
     hostile_dead_lettered: int = 0
@@ -107,6 +110,10 @@ class Report:
             f"  re-runs after a lease  {len(self.duplicate_effects_lease_lost)}  (the first "
             "run's lock expired unrenewed: the daemon logged lock.lost; CPU starvation or a "
             "partition longer than the TTL)",
+            f"  re-runs after failure {len(self.duplicate_effects_failed_run)}  (the handler "
+            "raised after its effect, e.g. its own write's commit was lost in the Postgres "
+            "restart: retried by design)",
+            *(f"    {share}: {why}" for share, why in sorted(self.details.items())),
             f"hostile inputs           {self.hostile_sent}, dead-lettered "
             f"{self.hostile_dead_lettered} (must be all) {self.hostile_missing[:10]}",
             f"media fetched (hostile)  {self.media_fetched}  (must be 0)",
@@ -131,7 +138,7 @@ class Daemons:
     async def start_one(self) -> None:
         log = open(self._log_dir / f"daemon-{len(self.procs)}.log", "wb")  # noqa: SIM115, ASYNC230
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mlpipe.cli", "--log-json", "--log-level", "WARNING",
+            sys.executable, "-m", "mlpipe.cli", "--log-json", "--log-level", "INFO",
             "consume", "--queues", "transcribe,summarize,embed",
             "--handlers", "tests.chaos.handlers:build_registry",
             cwd=ROOT, env=self._env, stdout=asyncio.subprocess.DEVNULL, stderr=log)
@@ -251,7 +258,7 @@ async def _scenario(scale: Scale, rabbit: PrivateRabbit, redis: ThrowawayRedis,
     crashed = daemons.exited_on_their_own()
     report.daemon_crashes = crashed + await daemons.stop()
     await _verdict(report, settings, pg.dsn, confirmed, hostile, daemons.killed,
-                   _lease_losses(log_dir))
+                   _read_logs(log_dir))
     report.elapsed_s = time.monotonic() - started
     (log_dir / "report.txt").write_text(report.render() + "\n")
     return report
@@ -334,29 +341,42 @@ async def _wait_settled(settings: Settings, dsn: str, confirmed: set[str],
         await asyncio.sleep(1.0)
 
 
-def _lease_losses(log_dir: Path) -> set[str]:
-    """Shares whose lock a daemon reported lost during a run (from the daemons' JSON logs)."""
-    lost: set[str] = set()
+@dataclass
+class DaemonLogs:
+    """What the daemons' JSON logs say about re-runs: shares whose lock a daemon reported lost,
+    and the (share, attempt) pairs whose run failed, with the error."""
+
+    lease_lost: set[str] = field(default_factory=set)
+    failed: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+def _read_logs(log_dir: Path) -> DaemonLogs:
+    logs = DaemonLogs()
     for path in log_dir.glob("daemon-*.log"):
         for line in path.read_text(errors="replace").splitlines():
-            if '"lock.lost"' not in line:
+            if '"lock.lost"' not in line and '"task.failed"' not in line:
                 continue
             try:
-                share = json.loads(line).get("share_id")
+                entry = json.loads(line)
             except ValueError:
                 continue
-            if share:
-                lost.add(share)
-    return lost
+            share = entry.get("share_id")
+            if not share:
+                continue
+            if entry.get("event") == "lock.lost":
+                logs.lease_lost.add(share)
+            elif entry.get("event") == "task.failed" and isinstance(entry.get("attempt"), int):
+                logs.failed[(share, entry["attempt"])] = str(entry.get("error", ""))[:200]
+    return logs
 
 
 async def _verdict(report: Report, settings: Settings, dsn: str, confirmed: set[str],
-                   hostile: list[Any], killed: dict[int, float], lease_lost: set[str]) -> None:
+                   hostile: list[Any], killed: dict[int, float], logs: DaemonLogs) -> None:
     c = await _connect(dsn)
     try:
         rows = await c.fetch("SELECT share_id, result_data::text AS r FROM ml_results")
-        effects = await c.fetch("SELECT share_id, kind, pid, extract(epoch FROM at) AS at "
-                                "FROM chaos_effects ORDER BY id")
+        effects = await c.fetch("SELECT share_id, kind, pid, attempt FROM chaos_effects "
+                                "ORDER BY id")
     finally:
         await c.close()
     result_by_share: Counter[str] = Counter(r["share_id"] for r in rows)
@@ -370,22 +390,30 @@ async def _verdict(report: Report, settings: Settings, dsn: str, confirmed: set[
     report.lost = sorted(s for s in confirmed
                          if s not in result_by_share and s not in dead_shares)
     report.double_results = sorted(s for s, n in result_by_share.items() if n > 1)
-    runs: dict[str, list[tuple[int, float]]] = {}
+    runs: dict[str, list[tuple[int, int]]] = {}
     for e in effects:
         if e["kind"] == "media_fetch":
             report.media_fetched += 1
         else:
-            runs.setdefault(e["share_id"], []).append((e["pid"], float(e["at"])))
+            runs.setdefault(e["share_id"], []).append((e["pid"], e["attempt"]))
     for share, execs in runs.items():
         if len(execs) < 2:
             continue
         earlier = execs[:-1]
         if all(pid in killed and pid != winner_pid.get(share) for pid, _ in earlier):
             report.duplicate_effects_explained.append(share)
-        elif share in lease_lost:
+        elif all((share, attempt) in logs.failed for _, attempt in earlier):
+            report.duplicate_effects_failed_run.append(share)
+            report.details[share] = "; ".join(
+                f"attempt {a} failed after its effect: {logs.failed[(share, a)]}"
+                for _, a in earlier)
+        elif share in logs.lease_lost:
             report.duplicate_effects_lease_lost.append(share)
         else:
             report.duplicate_effects_unexplained.append(share)
+            report.details[share] = ", ".join(
+                f"pid {pid} attempt {a}{' (killed)' if pid in killed else ''}"
+                for pid, a in execs) + f"; result stored by pid {winner_pid.get(share)}"
     hostile_ids = {h.message_id for h in hostile}
     hostile_dead = {e.message_id for e in dead if e.message_id in hostile_ids and e.reason}
     report.hostile_dead_lettered = len(hostile_dead)
