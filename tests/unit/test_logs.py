@@ -1,0 +1,65 @@
+"""The production log format: every line one JSON object, with the task's bound fields, in the
+order written, whatever the values (in a fresh process: ``configure`` sets global state)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+
+_SCRIPT = r"""
+import logging
+import structlog
+from mlpipe.logs import configure
+
+configure(json=True, level="INFO")
+log = structlog.get_logger("mlpipe.test")
+structlog.contextvars.bind_contextvars(queue="ml.embed", share_id="s1", attempt=1,
+                                       traceparent=None)
+
+class Odd:
+    def __repr__(self):
+        return "<odd>"
+
+class Custom:
+    def __structlog__(self):
+        return {"custom": True}
+
+log.info("task.done", skipped=False)
+logging.getLogger("aiormq.connection").warning("from %s", "stdlib")
+log.debug("dropped below INFO")
+log.info("odd.values", obj=Odd(), custom=Custom(), raw=b"\xff\xfe", lone="\ud800", n=(1, 2))
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("task.crashed")
+structlog.contextvars.unbind_contextvars("share_id")
+log.warning("after.unbind", queue="ml.other")
+"""
+
+
+def test_every_line_is_json_with_bound_fields_in_order() -> None:
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    lines = [json.loads(line) for line in out.stderr.decode().splitlines()]
+    assert [e["event"] for e in lines] == ["task.done", "from stdlib", "odd.values",
+                                           "task.crashed", "after.unbind"]
+    done, stdlib, odd, crashed, after = lines
+    assert done == {"event": "task.done", "skipped": False, "queue": "ml.embed",
+                    "share_id": "s1", "attempt": 1, "traceparent": None, "level": "info",
+                    "timestamp": done["timestamp"]}
+    stamp = datetime.datetime.strptime(done["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    age = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - stamp
+    assert datetime.timedelta(0) <= age < datetime.timedelta(seconds=60)
+    assert (stdlib["level"], stdlib["logger"], stdlib["share_id"]) == (
+        "warning", "aiormq.connection", "s1")
+    assert odd["obj"] == "<odd>"
+    assert odd["custom"] == {"custom": True}
+    assert odd["raw"] == repr(b"\xff\xfe")
+    assert odd["lone"] == "\ud800"
+    assert odd["n"] == [1, 2]
+    assert crashed["level"] == "error"
+    assert "ZeroDivisionError" in crashed["exception"]
+    assert after["queue"] == "ml.other"
+    assert "share_id" not in after
