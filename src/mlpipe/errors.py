@@ -134,3 +134,9 @@ class ApiConfigError(MlpipeError):
     tokens, a weak token, an unmigrated schema."""
 
     reason = "api_config"
+
+
+class AlreadySettled(MlpipeError):
+    """A delivery was acked or nacked twice: a bug (the broker would close the channel)."""
+
+    reason = "already_settled"

@@ -7,9 +7,11 @@ deliveries the broker pushes ahead; ``concurrency`` bounds how many handlers run
 
 The per-delivery path is the daemon's hot path (``make bench``, workload 1). It subscribes
 through aiormq's ``basic_consume`` so a delivery costs two tasks (aiormq's, which only wraps
-the message, and ours) instead of three; it settles without a shielding task (``drain`` never
-cancels a delivery that is settling); and it uses metric children resolved once per label
-set instead of a ``labels()`` lookup per delivery.
+the message, and ours) instead of three; it wraps a delivery in a ``Delivery``, which reads
+message properties when asked, not in aio-pika's ``IncomingMessage``, which converts them all;
+it settles without a shielding task (``drain`` never cancels a delivery that is settling);
+and it uses metric children resolved once per label set instead of a ``labels()`` lookup per
+delivery.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import time
 from collections.abc import Callable
 
 import structlog
-from aio_pika import IncomingMessage
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.abc import DeliveredMessage
 from prometheus_client import Counter, Histogram
 
 from mlpipe.broker.topology import WorkQueue
 from mlpipe.observability.metrics import Metrics
 from mlpipe.settings import QueueTuning
+from mlpipe.worker.delivery import Delivery, InboundMessage
 from mlpipe.worker.outcome import Ack, DeadLetter, Retry
 from mlpipe.worker.process import DeliveryProcessor, Processed
 from mlpipe.worker.settle import Settler
@@ -117,16 +119,17 @@ class QueueConsumer:
 
     async def _deliver(self, delivered: DeliveredMessage) -> None:
         """aiormq's consumer callback, run in a task the channel cancels when it closes: it
-        only wraps the delivery (as ``aio_pika.Queue.consume`` would) and starts our task."""
-        self._on_message(IncomingMessage(delivered, no_ack=False))
+        only wraps the delivery (in a ``Delivery``, not aio-pika's costlier
+        ``IncomingMessage``) and starts our task."""
+        self._on_message(Delivery(delivered))
 
-    def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_message(self, message: InboundMessage) -> None:
         self.received += 1
         task = asyncio.create_task(self._run(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, message: AbstractIncomingMessage) -> None:
+    async def _run(self, message: InboundMessage) -> None:
         if not self._accepting:
             await self._settler.requeue(message)
             return

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
 from mlpipe.contract.celery import from_celery, is_celery
 from mlpipe.contract.codec import decode
@@ -22,6 +21,7 @@ from mlpipe.errors import ContractError, HandlerTimeout
 from mlpipe.handlers import HandlerResult, HandlerSpec, Registry, TaskContext
 from mlpipe.observability.tracing import task_span
 from mlpipe.settings import Settings
+from mlpipe.worker.delivery import InboundMessage
 from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, decide
 from mlpipe.worker.settle import deferrals_of, retry_count_of
 
@@ -46,7 +46,7 @@ class DeliveryProcessor(Protocol):
     """Turns one delivery into an outcome; the task processor and the workflow's control
     processor both plug into ``QueueConsumer`` through this."""
 
-    async def process(self, message: AbstractIncomingMessage, queue: str) -> Processed: ...
+    async def process(self, message: InboundMessage, queue: str) -> Processed: ...
 
 
 @runtime_checkable
@@ -93,7 +93,7 @@ async def run_handler(task: Task, spec: HandlerSpec, ctx: TaskContext,
     return result
 
 
-def _celery_id(message: AbstractIncomingMessage) -> str | None:
+def _celery_id(message: InboundMessage) -> str | None:
     """Celery protocol 2 carries its task id in a header, not in ``message_id``."""
     raw = (message.headers or {}).get("id")
     return raw.decode() if isinstance(raw, bytes) else (str(raw) if raw else None)
@@ -128,7 +128,7 @@ class Processor:
         self._executor = executor
         self._resources = resources if resources is not None else {}
 
-    async def process(self, message: AbstractIncomingMessage, queue: str) -> Processed:
+    async def process(self, message: InboundMessage, queue: str) -> Processed:
         """Every log line emitted while this runs (handler and libraries included) carries the
         delivery's queue, message id and correlation id, and once decoded its share id, task
         type, attempt and traceparent."""
@@ -141,7 +141,7 @@ class Processor:
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
 
-    async def _process(self, message: AbstractIncomingMessage, queue: str) -> Processed:
+    async def _process(self, message: InboundMessage, queue: str) -> Processed:
         retry_count = retry_count_of(message)
         task_type = "invalid"
         task: Task | None = None

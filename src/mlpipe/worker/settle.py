@@ -14,7 +14,6 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from mlpipe.broker.messages import event_message
@@ -22,6 +21,7 @@ from mlpipe.broker.topology import DELAY_TIER_HEADER, Topology
 from mlpipe.contract import events
 from mlpipe.errors import PublishError
 from mlpipe.producer import Producer
+from mlpipe.worker.delivery import InboundMessage
 from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, Retry
 
 log = structlog.get_logger(__name__)
@@ -40,25 +40,25 @@ MLPIPE_HEADERS = (H_REASON, H_ERROR_CLASS, H_ERROR, H_ATTEMPTS, H_ORIGIN_QUEUE, 
                   H_RETRY_COUNT, H_DEAD_AT, H_DEFERRALS, DELAY_TIER_HEADER)
 
 
-def _int_header(message: AbstractIncomingMessage, name: str) -> int:
+def _int_header(message: InboundMessage, name: str) -> int:
     raw = (message.headers or {}).get(name, 0)
     return max(0, raw) if isinstance(raw, int) else 0
 
 
-def retry_count_of(message: AbstractIncomingMessage) -> int:
+def retry_count_of(message: InboundMessage) -> int:
     """How often this delivery was already retried: the header we set, else 0."""
     return _int_header(message, H_RETRY_COUNT)
 
 
-def deferrals_of(message: AbstractIncomingMessage) -> int:
+def deferrals_of(message: InboundMessage) -> int:
     return _int_header(message, H_DEFERRALS)
 
 
-def original_routing_key(message: AbstractIncomingMessage) -> str:
+def original_routing_key(message: InboundMessage) -> str:
     return str((message.headers or {}).get(H_ROUTING_KEY) or message.routing_key or "")
 
 
-def _copy(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any],
+def _copy(message: InboundMessage, body: bytes, headers: dict[str, Any],
           expiration_s: float | None = None) -> aio_pika.Message:
     return aio_pika.Message(
         body=body,
@@ -75,7 +75,7 @@ def _copy(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]
     )
 
 
-def failed_event(message: AbstractIncomingMessage, outcome: DeadLetter) -> dict[str, Any] | None:
+def failed_event(message: InboundMessage, outcome: DeadLetter) -> dict[str, Any] | None:
     try:
         doc = json.loads(message.body)
         meta = doc.get("metadata") or {}
@@ -109,7 +109,7 @@ class Settler:
         self._producer = producer
         self._topo = topology
 
-    async def settle(self, message: AbstractIncomingMessage, outcome: Outcome,
+    async def settle(self, message: InboundMessage, outcome: Outcome,
                      origin_queue: str) -> None:
         try:
             if isinstance(outcome, Retry):
@@ -124,10 +124,10 @@ class Settler:
         assert isinstance(outcome, Ack | Retry | DeadLetter)
         await self._ack(message)
 
-    async def requeue(self, message: AbstractIncomingMessage) -> None:
+    async def requeue(self, message: InboundMessage) -> None:
         await self._requeue(message)
 
-    async def _retry(self, message: AbstractIncomingMessage, outcome: Retry,
+    async def _retry(self, message: InboundMessage, outcome: Retry,
                      origin_queue: str) -> None:
         attempt = retry_count_of(message) + (1 if outcome.counts else 0)
         headers = dict(message.headers or {})
@@ -146,7 +146,7 @@ class Settler:
         log.info("task.retry_scheduled", attempt=attempt, delay_s=round(delay, 3),
                  reason=outcome.reason, message_id=message.message_id)
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, outcome: DeadLetter,
+    async def _dead_letter(self, message: InboundMessage, outcome: DeadLetter,
                            origin_queue: str) -> None:
         headers = dict(message.headers or {})
         headers.pop(DELAY_TIER_HEADER, None)
@@ -166,7 +166,7 @@ class Settler:
         log.warning("task.dead_lettered", reason=outcome.reason, error=outcome.error,
                     error_class=outcome.error_class, message_id=message.message_id)
 
-    async def _publish_failed_event(self, message: AbstractIncomingMessage,
+    async def _publish_failed_event(self, message: InboundMessage,
                                     outcome: DeadLetter) -> None:
         """Tell listeners a task failed for good. A message too broken to name its share and
         task type is not a task anyone waits for: it only goes to the dead-letter queue."""
@@ -178,14 +178,14 @@ class Settler:
             event_message(body, uuid.uuid4().hex), mandatory=False)
 
     @staticmethod
-    async def _ack(message: AbstractIncomingMessage) -> None:
+    async def _ack(message: InboundMessage) -> None:
         try:
             await message.ack()
         except Exception as exc:  # channel gone: the broker redelivers; handlers are idempotent
             log.warning("settle.ack_failed", error=repr(exc), message_id=message.message_id)
 
     @staticmethod
-    async def _requeue(message: AbstractIncomingMessage) -> None:
+    async def _requeue(message: InboundMessage) -> None:
         try:
             await message.nack(requeue=True)
         except Exception as exc:

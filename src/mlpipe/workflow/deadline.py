@@ -8,11 +8,11 @@ import json
 
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
 from mlpipe.errors import ContractError
 from mlpipe.settings import Settings
 from mlpipe.store.pool import unavailable_is_transient
+from mlpipe.worker.delivery import InboundMessage
 from mlpipe.worker.outcome import Ack, decide
 from mlpipe.worker.process import Processed
 from mlpipe.worker.settle import retry_count_of
@@ -26,7 +26,7 @@ class DeadlineProcessor:
         self._settings = settings
         self._pool = pool
 
-    async def process(self, message: AbstractIncomingMessage, queue: str) -> Processed:
+    async def process(self, message: InboundMessage, queue: str) -> Processed:
         try:
             doc = json.loads(message.body)
             if not isinstance(doc, dict) or doc.get("kind") != video.DEADLINE \

@@ -1,0 +1,79 @@
+"""``Delivery`` reads what aio-pika's ``IncomingMessage`` would read from the same delivery,
+and settles it on the channel it came on, once."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import aio_pika
+import pytest
+from aio_pika import IncomingMessage
+from aiormq.abc import DeliveredMessage
+
+from mlpipe.errors import AlreadySettled
+from mlpipe.worker.delivery import Delivery
+
+FIELDS = ("body", "headers", "content_type", "content_encoding", "message_id",
+          "correlation_id", "timestamp", "type", "app_id", "routing_key", "delivery_tag",
+          "redelivered")
+
+
+async def _deliveries(url: str, messages: list[aio_pika.Message], n: int,
+                      queue: str = "t.delivery") -> tuple[aio_pika.abc.AbstractConnection,
+                                                          asyncio.Queue[DeliveredMessage]]:
+    conn = await aio_pika.connect(url)
+    ch = await conn.channel()
+    await ch.declare_queue(queue, durable=True)
+    for m in messages:
+        await ch.default_exchange.publish(m, routing_key=queue)
+    got: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+
+    async def on_delivery(d: DeliveredMessage) -> None:
+        await got.put(d)
+
+    underlay = await ch.get_underlay_channel()
+    await underlay.basic_qos(prefetch_count=n)
+    await underlay.basic_consume(queue, on_delivery, no_ack=False)
+    return conn, got
+
+
+async def test_properties_read_as_incoming_message_reads_them(broker_url: str) -> None:
+    stamp = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    full = aio_pika.Message(b'{"a":1}', headers={"x-mlpipe-retry-count": 2, "id": "c1"},
+                            content_type="application/json", content_encoding="utf-8",
+                            message_id="m-1", correlation_id="corr-1", timestamp=stamp,
+                            type="t", app_id="app")
+    bare = aio_pika.Message(b"", message_id="")
+    conn, got = await _deliveries(broker_url, [full, bare], 2)
+    try:
+        for _ in range(2):
+            delivered = await asyncio.wait_for(got.get(), 10)
+            ours, theirs = Delivery(delivered), IncomingMessage(delivered, no_ack=False)
+            for field in FIELDS:
+                assert getattr(ours, field) == getattr(theirs, field), field
+            await ours.ack()
+    finally:
+        await conn.close()
+
+
+async def test_settles_once_and_nack_requeues(broker_url: str) -> None:
+    conn, got = await _deliveries(broker_url, [aio_pika.Message(b"x", message_id="m")], 1)
+    try:
+        first = Delivery(await asyncio.wait_for(got.get(), 10))
+        assert first.redelivered is False
+        await first.nack(requeue=True)
+        with pytest.raises(AlreadySettled):
+            await first.ack()
+        again = Delivery(await asyncio.wait_for(got.get(), 10))
+        assert (again.redelivered, again.message_id, again.body) == (True, "m", b"x")
+        await again.ack()
+        with pytest.raises(AlreadySettled):
+            await again.nack()
+        await asyncio.sleep(0.2)
+        assert got.empty()
+    finally:
+        await conn.close()
+    async with await aio_pika.connect(broker_url) as check:
+        queue = await (await check.channel()).declare_queue("t.delivery", durable=True)
+        assert queue.declaration_result.message_count == 0
