@@ -3,6 +3,7 @@
     mlpipe search "how do rockets reach orbit" [--limit 5] [--platform youtube] [--type transcript]
     mlpipe search "the part about fuel" --share SHARE     # within one share (timestamps shown)
     mlpipe search --share SHARE                           # shares similar to SHARE
+    mlpipe search "launch news" --since 2024-05-01 --until 2024-05-08   # embedded that week
 
 The query is embedded with the model the stored vectors were made with: the API model when
 ``MLPIPE_OPENAI_API_KEY`` is set, else the local one (``--backend``/``--model`` override).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -38,6 +40,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only this content type")
     parser.add_argument("--embedding-type", choices=[e.value for e in EmbeddingType],
                         help="only this embedding type (default: any; similar shares: content)")
+    parser.add_argument("--since", type=_instant, metavar="TIME",
+                        help="only chunks embedded at or after TIME (ISO 8601 date or date-time; "
+                             "local time unless it has an offset)")
+    parser.add_argument("--until", type=_instant, metavar="TIME",
+                        help="only chunks embedded before TIME")
     parser.add_argument("--backend", choices=["api", "local"],
                         help="model family the vectors were made with (default: api when an "
                              "API key is configured, else local)")
@@ -68,18 +75,20 @@ async def run_search(args: argparse.Namespace, settings: Settings | None = None)
     platform = getattr(args, "platform", None)
     content_type = getattr(args, "content_type", None) or getattr(args, "type", None)
     embedding_type = getattr(args, "embedding_type", None)
+    bounds = {"since": getattr(args, "since", None), "until": getattr(args, "until", None)}
     try:
         async with Searcher(settings, backend=getattr(args, "backend", None),
                             model=getattr(args, "model", None), pool_size=1) as searcher:
             if query:
                 hits = await searcher.search(query, limit=limit, share_id=share,
                                              platform=platform, content_type=content_type,
-                                             embedding_type=embedding_type)
+                                             embedding_type=embedding_type, **bounds)
             else:
                 assert share is not None
                 hits = await searcher.similar(share, limit=limit,
                                               embedding_type=embedding_type or "content",
-                                              platform=platform, content_type=content_type)
+                                              platform=platform, content_type=content_type,
+                                              **bounds)
     except ShareNotEmbedded as exc:
         print(f"mlpipe search: {exc.args[0]}", file=sys.stderr)
         return EXIT_ERROR
@@ -89,7 +98,8 @@ async def run_search(args: argparse.Namespace, settings: Settings | None = None)
 
 def _print(hits: list[Hit], *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False))
+        print(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False,
+                         default=_iso))
         return
     if not hits:
         print("no matches")
@@ -101,6 +111,23 @@ def _print(hits: list[Hit], *, as_json: bool) -> None:
         print(f"{hit.similarity:.3f}  {hit.share_id}#{hit.chunk_index}{when}"
               + (f"  {title}" if title else ""))
         print(f"       {text}")
+
+
+def _instant(text: str) -> dt.datetime:
+    """A bound as typed on a command line: a date means its midnight, and a time without an
+    offset is the user's local time (the library refuses naive datetimes)."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date or date-time") from exc
+    return value if value.tzinfo is not None else value.astimezone()
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _clock(seconds: float | None) -> str:

@@ -14,6 +14,7 @@ model the vectors were stored with.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -67,21 +68,25 @@ class Searcher:
 
     async def search(self, query: str, *, limit: int = 10, share_id: str | None = None,
                      platform: str | None = None, content_type: str | None = None,
-                     embedding_type: str | None = None) -> list[Hit]:
+                     embedding_type: str | None = None, since: dt.datetime | None = None,
+                     until: dt.datetime | None = None) -> list[Hit]:
         """Chunks nearest to ``query``, best first (share ids, chunk text, timestamps,
-        similarity)."""
+        similarity); ``since``/``until``: only chunks embedded in ``[since, until)``."""
         return await search(self._require_pool(), query, embedder=self.embed, limit=limit,
                             share_id=share_id, platform=platform, content_type=content_type,
-                            embedding_type=embedding_type, model=self.model)
+                            embedding_type=embedding_type, model=self.model, since=since,
+                            until=until)
 
     async def similar(self, share_id: str, *, limit: int = 10,
                       embedding_type: str = "content", platform: str | None = None,
-                      content_type: str | None = None) -> list[Hit]:
+                      content_type: str | None = None, since: dt.datetime | None = None,
+                      until: dt.datetime | None = None) -> list[Hit]:
         """Other shares nearest to this one, the best chunk of each (``ShareNotEmbedded`` when
         the share has no vectors of this model)."""
         return await similar_to_share(self._require_pool(), share_id, limit=limit,
                                       model=self.model, embedding_type=embedding_type,
-                                      platform=platform, content_type=content_type)
+                                      platform=platform, content_type=content_type,
+                                      since=since, until=until)
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:

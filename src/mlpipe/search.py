@@ -7,15 +7,19 @@ on, ``embedding::vector(<dims>)`` with ``WHERE dims = <dims>``, so the partial i
 ``ml_embeddings_minilm_hnsw`` (384 dims) serves it; other dimensions work without an index
 until a migration adds one for them.
 
-Filters (model, share, platform, content type, embedding type) are applied while the index is
-walked, with pgvector's iterative scan (``hnsw.iterative_scan = strict_order``, pgvector 0.8+)
-so a selective filter still returns ``limit`` hits instead of whatever survived the first
-``ef_search`` candidates.
+Filters (model, share, platform, content type, embedding type, and the time bounds ``since``
+/ ``until`` on when a chunk was embedded) are applied while the index is walked, with
+pgvector's iterative scan (``hnsw.iterative_scan = strict_order``, pgvector 0.8+) so a
+selective filter still returns ``limit`` hits instead of whatever survived the first
+``ef_search`` candidates. The walk gives up after ``hnsw.max_scan_tuples`` index tuples
+(pgvector's default, 20,000): a filter that only a handful of chunks past that many closer ones
+pass returns fewer hits than asked for.
 
 ::
 
     hits = await search(pool, "how do rockets reach orbit", embedder=batcher.embed)
     hits = await search(pool, vector, platform="youtube", limit=5)
+    week = await search(pool, vector, since=now - timedelta(days=7))
     related = await similar_to_share(pool, "share-123")
 
 ``pool`` is any asyncpg pool or connection whose ``search_path`` reaches mlpipe's schema and
@@ -24,6 +28,7 @@ so a selective filter still returns ``limit`` hits instead of whatever survived 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -64,6 +69,8 @@ class Hit:
     metadata: dict[str, Any]
     embedding_type: str
     model: str
+    #: When the chunk was (last) embedded: what ``since``/``until`` compare.
+    indexed_at: dt.datetime
 
 
 class ShareNotEmbedded(LookupError):
@@ -73,10 +80,12 @@ class ShareNotEmbedded(LookupError):
 async def search(pool: DB, query: str | VectorLike, *, embedder: Embedder | None = None,
                  limit: int = 10, share_id: str | None = None, platform: str | None = None,
                  content_type: str | None = None, embedding_type: str | None = None,
-                 model: str = DEFAULT_MODEL,
-                 exclude_share_id: str | None = None) -> list[Hit]:
+                 model: str = DEFAULT_MODEL, exclude_share_id: str | None = None,
+                 since: dt.datetime | None = None,
+                 until: dt.datetime | None = None) -> list[Hit]:
     """The chunks nearest to ``query`` (a text, embedded with ``embedder``, or a vector of
-    ``model``), best first."""
+    ``model``), best first; with ``since``/``until``, only chunks embedded in
+    ``[since, until)``."""
     if isinstance(query, str):
         if embedder is None:
             raise ValueError("a text query needs an embedder of the searched model")
@@ -85,15 +94,18 @@ async def search(pool: DB, query: str | VectorLike, *, embedder: Embedder | None
         vector = query
     return await _nearest(pool, _literal(vector), len(vector), limit=limit, model=model,
                           share_id=share_id, platform=platform, content_type=content_type,
-                          embedding_type=embedding_type, exclude_share_id=exclude_share_id)
+                          embedding_type=embedding_type, exclude_share_id=exclude_share_id,
+                          since=since, until=until)
 
 
 async def similar_to_share(pool: DB, share_id: str, *, limit: int = 10,
                            model: str = DEFAULT_MODEL, embedding_type: str = "content",
-                           platform: str | None = None,
-                           content_type: str | None = None) -> list[Hit]:
+                           platform: str | None = None, content_type: str | None = None,
+                           since: dt.datetime | None = None,
+                           until: dt.datetime | None = None) -> list[Hit]:
     """Other shares nearest to this one's average chunk vector: the best chunk of each, best
-    first, the share itself excluded."""
+    first, the share itself excluded. ``since``/``until`` bound the other shares' chunks (the
+    best one embedded in ``[since, until)``); the share's own vector is always all of it."""
     async with _connection(pool) as conn:
         dims = await conn.fetchval(
             "SELECT max(dims) FROM ml_embeddings WHERE share_id = $1 AND model = $2 "
@@ -109,7 +121,7 @@ async def similar_to_share(pool: DB, share_id: str, *, limit: int = 10,
     return await _nearest(pool, centroid, dims, limit=limit, model=model, share_id=None,
                           platform=platform, content_type=content_type,
                           embedding_type=embedding_type, exclude_share_id=share_id,
-                          best_per_share=True)
+                          since=since, until=until, best_per_share=True)
 
 
 def search_sql(dims: int, filters: Sequence[str], *, best_per_share: bool = False) -> str:
@@ -119,7 +131,7 @@ def search_sql(dims: int, filters: Sequence[str], *, best_per_share: bool = Fals
     distance = f"embedding::vector({dims}) <=> $1::text::vector({dims})"
     where = " AND ".join([f"dims = {dims}", *filters])
     nearest = (f"SELECT share_id, chunk_index, chunk_text, start_s, end_s, embedding_type, "
-               f"model, metadata::text AS metadata, {distance} AS distance, "
+               f"model, metadata::text AS metadata, created_at, {distance} AS distance, "
                f"1 - ({distance}) AS similarity "
                f"FROM ml_embeddings WHERE {where} ORDER BY {distance} LIMIT $2")
     if not best_per_share:
@@ -131,16 +143,21 @@ def search_sql(dims: int, filters: Sequence[str], *, best_per_share: bool = Fals
 async def _nearest(pool: DB, vector: str, dims: int, *, limit: int, model: str,
                    share_id: str | None, platform: str | None, content_type: str | None,
                    embedding_type: str | None, exclude_share_id: str | None,
+                   since: dt.datetime | None, until: dt.datetime | None,
                    best_per_share: bool = False) -> list[Hit]:
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    for bound in (since, until):
+        if bound is not None and bound.utcoffset() is None:
+            raise ValueError("time bounds need a time zone (a naive datetime is ambiguous)")
     args: list[Any] = [vector, limit * _CANDIDATES_PER_HIT if best_per_share else limit]
     filters: list[str] = []
     for column, value, op in (("model", model, "="), ("share_id", share_id, "="),
                               ("metadata->>'platform'", platform, "="),
                               ("metadata->>'content_type'", content_type, "="),
                               ("embedding_type", embedding_type, "="),
-                              ("share_id", exclude_share_id, "<>")):
+                              ("share_id", exclude_share_id, "<>"),
+                              ("created_at", since, ">="), ("created_at", until, "<")):
         if value is not None:
             args.append(value)
             filters.append(f"{column} {op} ${len(args)}")
@@ -153,7 +170,8 @@ async def _nearest(pool: DB, vector: str, dims: int, *, limit: int, model: str,
     hits = [Hit(share_id=r["share_id"], chunk_index=r["chunk_index"],
                 chunk_text=r["chunk_text"], start_s=r["start_s"], end_s=r["end_s"],
                 similarity=float(r["similarity"]), metadata=_json(r["metadata"]),
-                embedding_type=r["embedding_type"], model=r["model"]) for r in rows]
+                embedding_type=r["embedding_type"], model=r["model"],
+                indexed_at=r["created_at"]) for r in rows]
     return hits[:limit]
 
 

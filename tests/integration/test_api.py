@@ -25,6 +25,7 @@ from urllib.request import Request, urlopen
 import aiohttp
 import asyncpg
 import hypothesis
+import numpy as np
 import pytest
 import schemathesis
 from pgvector.asyncpg import register_vector
@@ -34,7 +35,7 @@ from consumers.embed.models import ModelNotInstalled, install
 from mlpipe.api import ApiConfig, ApiConfigError, ApiServer
 from mlpipe.api import cursor as api_cursor
 from mlpipe.api.models import CostsQuery, SearchQuery, SharePath, SimilarQuery
-from mlpipe.search import VectorLike
+from mlpipe.search import MAX_LIMIT, VectorLike, search
 from mlpipe.settings import Budget
 from mlpipe.store.migrate import migrate
 from mlpipe.testing import wait_for
@@ -313,6 +314,61 @@ async def test_search_date_range_is_on_indexing_time(api: Client, seeded: Seed) 
     assert status == 400
     assert problem["error"] == "invalid_request"
     assert problem["details"][0]["loc"] == "query.from"
+
+
+async def test_search_date_range_reaches_below_the_top_1000(
+        api: Client, seeded: Seed, pg_dsn: str, pg_schema: str, local_model: LocalEmbedder
+) -> None:
+    """1,100 old chunks nearer to the query than anything seeded fill the whole ranking a
+    search can return (1,000 hits); the date range is applied inside the search, so the
+    recent documents below them are still found, and paged through."""
+    [target] = await embedder_of(local_model)(["orbit"])
+    rng = np.random.default_rng(3)
+    crowd = [np.asarray(target, dtype=np.float32) + rng.normal(scale=0.01, size=len(target))
+             .astype(np.float32) for _ in range(1100)]
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": f"{pg_schema}, public"})
+    try:
+        await register_vector(conn, schema="public")
+        await conn.executemany(
+            "INSERT INTO ml_embeddings (share_id, chunk_index, chunk_text, content_hash, model, "
+            "dims, embedding, metadata, created_at) "
+            "VALUES ($1, 0, 'orbit', 'h', $2, $3, $4, '{\"platform\": \"crowd\"}', $5)",
+            [(f"crowd-{i}", MODEL_NAME, len(v), v, seeded.ago(days=30))
+             for i, v in enumerate(crowd)])
+        top = await search(conn, target, limit=MAX_LIMIT, model=MODEL_NAME)
+        assert {h.metadata["platform"] for h in top} == {"crowd"}  # nothing seeded in reach
+    finally:
+        await conn.close()
+
+    since = seeded.ago(days=2).isoformat()
+    recent = await api.ok("/v1/search", q="orbit", limit=100, from_=since)
+    assert {h["shareId"] for h in recent["items"]} == {"yt-station-2", "tt-pasta-3",
+                                                       "tw-football-5"}
+    assert len(recent["items"]) == 4  # yt-station-2 has two chunks
+    assert recent["nextCursor"] is None
+    walked: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = await api.ok("/v1/search", q="orbit", limit=1, from_=since, cursor=cursor)
+        walked += page["items"]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert [(h["shareId"], h["chunkIndex"]) for h in walked] == [
+        (h["shareId"], h["chunkIndex"]) for h in recent["items"]]
+
+    # a range only the crowd falls in, and one both do: the page is full
+    crowd_only = await api.ok("/v1/search", q="orbit", limit=5, from_=seeded.ago(days=31)
+                              .isoformat(), to=seeded.ago(days=29).isoformat())
+    assert [h["platform"] for h in crowd_only["items"]] == ["crowd"] * 5
+    assert crowd_only["nextCursor"] is not None
+
+    # similar shares: the crowd is closest to a rocket video too, but older than the range
+    nearest = await api.ok("/v1/shares/yt-rocket-1/similar", limit=100)
+    assert {h["platform"] for h in nearest["items"]} == {"crowd"}
+    similar = await api.ok("/v1/shares/yt-rocket-1/similar", limit=100, from_=since)
+    assert {h["shareId"] for h in similar["items"]} == {"yt-station-2", "tt-pasta-3",
+                                                        "tw-football-5"}
 
 
 async def test_search_pages_with_a_cursor(api: Client, seeded: Seed) -> None:

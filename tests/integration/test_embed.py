@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import random
@@ -214,6 +215,13 @@ async def test_search_cli(settings: Settings, model_dir: str,
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[1].startswith("station#")
     assert await run_search(parser.parse_args(["--backend", "local"]), settings) == 2
+    # time bounds: everything was embedded just now
+    for bound, found in ((["--until", "2000-01-01"], False), (["--since", "2000-01-01"], True)):
+        assert await run_search(parser.parse_args(["bread", "--json", "--backend", "local",
+                                                   *bound]), settings) == 0
+        hits = json.loads(capsys.readouterr().out)
+        assert bool(hits) is found, bound
+    assert dt.datetime.fromisoformat(hits[0]["indexed_at"]) > dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     assert await run_search(parser.parse_args(["--share", "nope", "--backend", "local"]),
                             settings) == 1
 
@@ -551,6 +559,69 @@ async def test_searches_can_use_the_hnsw_partial_index(settings: Settings,
     assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
 
 
+async def test_time_bounds_find_recent_chunks_far_below_the_top_of_the_ranking(
+        settings: Settings, pool: asyncpg.Pool) -> None:
+    """1,200 old chunks sit right next to the query; the three recent ones are far away, so
+    they are not among the top 1,000 hits (the most ``search`` returns). A time bound is
+    applied while the index is walked, so it still finds them."""
+    rng = np.random.default_rng(11)
+    target = rng.normal(size=384).astype(np.float32)
+
+    def near() -> np.ndarray:
+        return (target + rng.normal(scale=0.05, size=384)).astype(np.float32)
+
+    async with ChunkStore(settings) as store:
+        for share in range(120):  # the crowd: 10 chunks per share, all close to the target
+            await store.replace_chunks(
+                share_id=f"old{share}", embedding_type="content", model=MODEL_NAME,
+                chunks=[Chunk(i, f"old {share}/{i}", 2) for i in range(10)],
+                vectors=[near() for _ in range(10)], content_hashes=["h"] * 10,
+                metadata={"platform": "p"})
+        await pool.execute("UPDATE ml_embeddings SET created_at = now() - interval '10 days'")
+        for share in range(3):
+            await store.replace_chunks(
+                share_id=f"new{share}", embedding_type="content", model=MODEL_NAME,
+                chunks=[Chunk(0, f"new {share}", 2)],
+                vectors=[rng.normal(size=384).astype(np.float32)], content_hashes=["h"],
+                metadata={"platform": "p"})
+        await store.replace_chunks(  # a recent share whose own vector is the target
+            share_id="anchor", embedding_type="content", model=MODEL_NAME,
+            chunks=[Chunk(0, "anchor", 1)], vectors=[target], content_hashes=["h"],
+            metadata={"platform": "p"})
+    cut = await pool.fetchval("SELECT now() - interval '1 day'")
+    recent = {"new0", "new1", "new2"}
+
+    top = await search(pool, target, limit=1000)
+    assert len(top) == 1000
+    assert not recent & {h.share_id for h in top}, "the test needs them below the top 1000"
+
+    async with pool.acquire() as conn:
+        await conn.execute("ANALYZE ml_embeddings")
+        plans = {}
+        for forced in (False, True):
+            if forced:  # walk the HNSW graph (ef_search 40), not an exact scan and sort
+                for knob in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+                    await conn.execute(f"SET {knob} = off")
+            hits = await search(conn, target, since=cut, limit=5, exclude_share_id="anchor")
+            assert {h.share_id for h in hits} == recent, forced
+            assert all(h.indexed_at >= cut for h in hits)
+            assert [h.similarity for h in hits] == sorted((h.similarity for h in hits),
+                                                          reverse=True)
+            older = await search(conn, target, until=cut, limit=20)
+            assert len(older) == 20
+            assert all(h.share_id.startswith("old") and h.indexed_at < cut for h in older)
+            assert await search(conn, target, since=cut, until=cut, limit=5) == []
+            similar = await similar_to_share(conn, "anchor", since=cut, limit=5)
+            assert {h.share_id for h in similar} == recent, forced
+            sql = search_sql(384, ["model = $3", "created_at >= $4"])
+            plans[forced] = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN " + sql, str(target.tolist()), 5, MODEL_NAME, cut))
+        assert "ml_embeddings_minilm_hnsw" in plans[True], plans[True]
+
+    with pytest.raises(ValueError, match="time zone"):
+        await search(pool, target, since=cut.replace(tzinfo=None))
+
+
 async def test_missing_local_model_dead_letters_with_a_clear_reason(settings: Settings) -> None:
     s = settings.model_copy(update={"embedding_model_dir": str(Path("/nonexistent/model"))})
     async with pipeline(s, "embed_local") as (daemon, producer):
@@ -597,3 +668,11 @@ def test_cli_arguments() -> None:
     assert isinstance(args, argparse.Namespace)
     assert (args.query, args.share, args.limit, args.platform, args.content_type, args.json) == (
         "rockets", "S", 3, "youtube", "transcript", True)
+    assert (args.since, args.until) == (None, None)
+    args = build_parser().parse_args(["x", "--since", "2024-05-01T12:00:00+02:00",
+                                      "--until", "2024-05-08"])
+    assert args.since == dt.datetime(2024, 5, 1, 10, tzinfo=dt.UTC)
+    assert args.until.utcoffset() is not None  # a bare date: local midnight
+    assert args.until.replace(tzinfo=None) == dt.datetime(2024, 5, 8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["x", "--since", "last week"])

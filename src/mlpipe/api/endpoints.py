@@ -63,11 +63,9 @@ async def search_text(ctx: ApiContext, _path: NoParams, query: SearchQuery) -> H
         return await search(
             ctx.pool, vector, limit=k, share_id=query.share_id, platform=query.platform,
             content_type=_value(query.content_type), embedding_type=_value(query.embedding_type),
-            model=ctx.search_model)
+            model=ctx.search_model, since=query.from_, until=query.to)
 
-    page = await hit_slice(fetch, lambda hits: queries.indexed_at(ctx.pool, ctx.search_model,
-                                                                  hits),
-                           offset=offset, size=query.limit, start=query.from_, end=query.to)
+    page = await hit_slice(fetch, offset=offset, size=query.limit)
     return _hit_page(ctx, page, fp, offset)
 
 
@@ -80,13 +78,11 @@ async def similar_shares(ctx: ApiContext, path: SharePath, query: SimilarQuery) 
             return await similar_to_share(
                 ctx.pool, path.share_id, limit=k, model=ctx.search_model,
                 embedding_type=query.embedding_type.value, platform=query.platform,
-                content_type=_value(query.content_type))
+                content_type=_value(query.content_type), since=query.from_, until=query.to)
         except ShareNotEmbedded as exc:
             raise ApiError(404, "not_found", str(exc.args[0])) from exc
 
-    page = await hit_slice(fetch, lambda hits: queries.indexed_at(ctx.pool, ctx.search_model,
-                                                                  hits),
-                           offset=offset, size=query.limit, start=query.from_, end=query.to)
+    page = await hit_slice(fetch, offset=offset, size=query.limit)
     return _hit_page(ctx, page, fp, offset)
 
 
@@ -101,19 +97,19 @@ async def _embed(ctx: ApiContext, text: str) -> VectorLike:
 
 
 def _hit_page(ctx: ApiContext, page: HitSlice, fp: str, offset: int) -> HitPage:
-    items = [_hit(t.hit, t.indexed_at) for t in page.items]
+    items = [_hit(hit) for hit in page.items]
     following = cursor.encode(fp, offset + len(items)) if page.more else None
     return HitPage(model=ctx.search_model, items=items, next_cursor=following)
 
 
-def _hit(hit: Hit, indexed_at: dt.datetime) -> SearchHit:
+def _hit(hit: Hit) -> SearchHit:
     meta = hit.metadata
     return SearchHit(
         share_id=hit.share_id, chunk_index=hit.chunk_index, chunk_text=hit.chunk_text,
         start_s=hit.start_s, end_s=hit.end_s, similarity=hit.similarity,
         embedding_type=hit.embedding_type, model=hit.model, platform=_text(meta, "platform"),
         content_type=_text(meta, "content_type"), title=_text(meta, "title"),
-        url=_text(meta, "url"), indexed_at=indexed_at, metadata=meta)
+        url=_text(meta, "url"), indexed_at=hit.indexed_at, metadata=meta)
 
 
 # --- a share's results and workflow ---------------------------------------------------------------

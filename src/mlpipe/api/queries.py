@@ -1,4 +1,5 @@
-"""The SQL behind the read endpoints (results, workflow, ledger, task summary).
+"""The SQL behind the read endpoints (results, workflow, ledger, task summary; search is
+``mlpipe.search``'s).
 
 Kept apart from the HTTP layer so each query can be read whole. Time ranges are half-open,
 ``[start, end)``, and a missing bound is no bound; conditions are only added for the filters
@@ -9,16 +10,11 @@ indexes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
-from mlpipe.search import Hit
 from mlpipe.store.pool import DB
-
-#: A chunk's identity within one model: share, embedding type, chunk index.
-ChunkKey = tuple[str, str, int]
 
 
 class _Where:
@@ -37,23 +33,6 @@ class _Where:
 
     def sql(self) -> str:
         return " AND ".join(self._conditions) or "true"
-
-
-async def indexed_at(db: DB, model: str, hits: Sequence[Hit]) -> dict[ChunkKey, dt.datetime]:
-    """When each hit's chunk was embedded (``mlpipe.search`` does not return it)."""
-    if not hits:
-        return {}
-    rows = await db.fetch(
-        """
-        SELECT e.share_id, e.embedding_type, e.chunk_index, e.created_at
-        FROM ml_embeddings e
-        JOIN unnest($2::text[], $3::text[], $4::int[]) AS k(share_id, embedding_type, chunk_index)
-          USING (share_id, embedding_type, chunk_index)
-        WHERE e.model = $1
-        """,
-        model, [h.share_id for h in hits], [h.embedding_type for h in hits],
-        [h.chunk_index for h in hits])
-    return {(r["share_id"], r["embedding_type"], r["chunk_index"]): r["created_at"] for r in rows}
 
 
 async def share_results(db: DB, share_id: str, task_type: str | None) -> list[asyncpg.Record]:
