@@ -13,6 +13,10 @@ carry the timestamps a hit should jump to.
   ``max_tokens``; a paragraph that does not fit is split at sentence boundaries (a sentence
   longer than a chunk, at word boundaries).
 
+A **lead** (text with no time in the media, such as a video's summary, caption and hashtags
+next to its transcript) is chunked on its own, whole or by paragraphs, and comes first, without
+timestamps: mixing it into the transcript windows would give it times it does not have.
+
 Token counts are an *approximation* (:func:`approx_tokens`): one token per started four
 characters of every whitespace-separated word. For English prose that is ~1.4 tokens a word,
 slightly above what OpenAI's and MiniLM's tokenizers produce, so chunks err on the small side
@@ -26,7 +30,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from mlpipe.contract.models import ChunkStrategy
@@ -113,9 +117,10 @@ def approx_tokens(text: str) -> int:
 
 def chunk(text: str, segments: Sequence[TimedText] | None = None,
           strategy: ChunkStrategy = ChunkStrategy.AUTO,
-          limits: ChunkLimits = ChunkLimits()) -> Chunking:
+          limits: ChunkLimits = ChunkLimits(), lead: str | None = None) -> Chunking:
     """Split content by ``strategy``; ``auto`` picks transcript windows when there are timed
-    segments, the whole text when it is short, paragraphs otherwise."""
+    segments, the whole text when it is short, paragraphs otherwise. A ``lead`` gets the first
+    chunks, untimed (``strategy`` is the content's)."""
     if strategy is ChunkStrategy.AUTO:
         if any(s.text.strip() for s in segments or ()):
             strategy = ChunkStrategy.TRANSCRIPT
@@ -129,6 +134,10 @@ def chunk(text: str, segments: Sequence[TimedText] | None = None,
         chunks = chunk_paragraphs(text, limits)
     else:
         chunks = chunk_whole(text)
+    if lead and lead.strip():
+        head = (chunk_whole(lead) if approx_tokens(lead) <= limits.whole_max_tokens
+                else chunk_paragraphs(lead, limits))
+        chunks = [*head, *(replace(c, index=len(head) + c.index) for c in chunks)]
     return Chunking(strategy, chunks)
 
 

@@ -69,7 +69,8 @@ class EmbedHandler:
         content, options = task.payload.content, task.payload.options
         limits = MINILM_LIMITS if backend is Backend.LOCAL else ChunkLimits()
         try:
-            chunking = chunk(content.text, content.segments, options.chunk_strategy, limits)
+            chunking = chunk(content.text, content.segments, options.chunk_strategy, limits,
+                             lead=content.lead)
         except ChunkingError as exc:
             raise PermanentError(str(exc), reason=exc.reason) from exc
         if backend is Backend.LOCAL:

@@ -293,6 +293,39 @@ async def test_transcript_chunks_keep_timestamps_and_search_returns_them(
         assert hit.end_s >= end, (query, hit)
 
 
+async def test_a_lead_is_embedded_untimed_ahead_of_the_transcript_windows(
+        settings: Settings, pool: asyncpg.Pool, model_dir: str) -> None:
+    """A video's rich embedding: summary and caption as a lead with no time in the media, the
+    transcript in timestamped windows after it."""
+    segments = [{"start": s, "end": e, "text": t} for s, e, t in SEGMENTS]
+    lead = ("A news roundup: a pasta recipe, the weekend weather and a cup final.\n\n"
+            "Sunday evening news #weather #football")
+    await run_tasks(settings, "embed_local", [
+        embed_task("video-2", " ".join(t for _, _, t in SEGMENTS), segments=segments,
+                   type="transcript", lead=lead)])
+
+    rows = await pool.fetch("SELECT chunk_index, start_s, end_s, chunk_text, metadata "
+                            "FROM ml_embeddings WHERE share_id = 'video-2' ORDER BY chunk_index")
+    assert (rows[0]["chunk_text"], rows[0]["start_s"], rows[0]["end_s"]) == (lead, None, None)
+    assert len(rows) >= 4
+    assert rows[1]["start_s"] == 0
+    assert rows[-1]["end_s"] == 130
+    assert all(r["start_s"] is not None and 30 <= r["end_s"] - r["start_s"] <= 60
+               for r in rows[1:])
+    assert not any(lead in r["chunk_text"] for r in rows[1:])
+
+    async def embed(texts: list[str]) -> list[Vector]:
+        return await local_embed(model_dir, texts)
+
+    [about] = await search(pool, "what topics does this news roundup cover", embedder=embed,
+                           limit=1)
+    assert (about.chunk_index, about.start_s) == (0, None)
+    rain = (await search(pool, "will it rain this weekend", embedder=embed))[0]
+    assert rain.start_s is not None
+    assert rain.end_s is not None
+    assert (rain.start_s <= 60, rain.end_s >= 70) == (True, True), rain
+
+
 # --- the API backend --------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ the transcription finishes" is shown without racing a timer.
 
 from __future__ import annotations
 
+import wave
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -158,11 +159,23 @@ async def test_video_share_end_to_end_with_offline_backends(stack: Stack,
     assert [h["state"] for h in st.history] == [
         "video_pending", "video_transcribing", "video_summarizing", "completed"]
 
-    # the rich embedding replaced the caption-only one: search finds the spoken words
+    # the rich embedding replaced the caption-only one: search finds the spoken words, with
+    # where they are in the clip; summary, caption and hashtags are a chunk of their own
     hits = await stack.hits("send the weekly report to finance before Friday", "vid-e2e")
     assert hits
     assert all(h.chunk_text != CAPTION for h in hits)
-    assert "friday" in hits[0].chunk_text.lower()
+    spoken = hits[0]
+    assert "friday" in spoken.chunk_text.lower()
+    assert spoken.start_s is not None
+    assert spoken.end_s is not None
+    with wave.open(str(clip)) as wav:
+        duration = wav.getnframes() / wav.getframerate()
+    assert 0 <= spoken.start_s < spoken.end_s <= duration + 0.5, (spoken, duration)
+    [lead] = [h for h in hits if h.start_s is None]
+    assert lead.chunk_index == 0
+    assert lead.end_s is None
+    assert CAPTION in lead.chunk_text
+    assert "#finance #reports" in lead.chunk_text
     assert stack.runs == Counter({"transcribe_whisper": 1, "summarize_video_combined": 1,
                                   "embed_vectors:caption": 1, "embed_vectors:transcript": 1})
     assert await list_dead(stack.settings) == []

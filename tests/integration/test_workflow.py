@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mlpipe.contract.models import EmbedTask, Task, TaskType
+from mlpipe.contract.models import ContentType, EmbedTask, Segment, Task, TaskType
 from mlpipe.effects import Effects
 from mlpipe.errors import PermanentError
 from mlpipe.handlers import HandlerResult, Registry, TaskContext
@@ -34,6 +34,7 @@ class StandIns:
     def __init__(self) -> None:
         self.runs: Counter[str] = Counter()
         self.embedded: list[tuple[str, str]] = []
+        self.embed_tasks: list[EmbedTask] = []
         self.release_transcription = asyncio.Event()
         self.registry = Registry()
         self.registry.register(TaskType.TRANSCRIBE_WHISPER, self.transcribe)
@@ -45,6 +46,8 @@ class StandIns:
         await self.release_transcription.wait()
         if "broken" in task.payload.media_url:  # type: ignore[union-attr]
             raise PermanentError("not a media file", reason="unsupported_media")
+        if "silent" in task.payload.media_url:  # type: ignore[union-attr]
+            return HandlerResult({"status": "silent", "text": "", "segments": []})
         return HandlerResult({"text": "we bake sourdough bread", "segments": [
             {"start": 0.0, "end": 2.0, "text": "we bake sourdough bread"}]})
 
@@ -57,6 +60,7 @@ class StandIns:
         kind = task.payload.content.type.value if task.payload.content.type else "none"
         self.runs[f"embed:{kind}"] += 1
         self.embedded.append((task.share_id, kind))
+        self.embed_tasks.append(task)
         return HandlerResult({"chunks": 1})
 
 
@@ -95,6 +99,13 @@ async def test_video_goes_through_every_state_once(
         "video_pending", "video_transcribing", "video_summarizing", "completed"]
     assert stand.runs == Counter({"transcribe": 1, "summarize": 1, "embed:caption": 1,
                                   "embed:transcript": 1})
+    # the rich embedding: the transcript with its timed segments, the rest as an untimed lead
+    [rich] = [t for t in stand.embed_tasks if t.payload.content.type is ContentType.TRANSCRIPT]
+    content = rich.payload.content
+    assert content.text == "we bake sourdough bread"
+    assert content.segments == [Segment(start=0.0, end=2.0, text="we bake sourdough bread")]
+    assert content.lead == "A sourdough baking video.\n\nSourdough in 7 days\n\n" \
+                           "#sourdough #baking"
 
     # the same share submitted again: nothing paid runs again, the rich embedding stays
     await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
@@ -118,6 +129,25 @@ async def test_failed_transcription_falls_back_to_caption_only(
     await wait_for(lambda: ("vid-2", "caption") in stand.embedded, message="caption kept")
     assert stand.runs["summarize"] == 0
     assert stand.runs["embed:transcript"] == 0
+
+
+async def test_a_silent_video_is_embedded_as_one_untimed_text(
+        env: tuple[StandIns, Effects, Producer]) -> None:
+    """No timed segments: the rich embedding is summary, caption and hashtags as one text,
+    with no lead (the caption stands in for the missing transcript, and is not repeated)."""
+    stand, effects, producer = env
+    stand.release_transcription.set()
+    await submit_video(producer, "vid-4", "s3://media/silent.mp4", caption="Quiet sunset",
+                       hashtags=["sunset"])
+
+    async def completed() -> bool:
+        return await state(effects, "vid-4") == "completed"
+
+    await wait_for(completed, timeout=20, message="workflow completed")
+    [rich] = [t for t in stand.embed_tasks if t.payload.content.type is ContentType.TRANSCRIPT]
+    content = rich.payload.content
+    assert (content.segments, content.lead) == (None, None)
+    assert content.text == "A sourdough baking video.\n\nQuiet sunset\n\n#sunset"
 
 
 async def test_workflow_status_command(env: tuple[StandIns, Effects, Producer],

@@ -22,7 +22,7 @@ from pydantic.alias_generators import to_camel
 
 #: Major version this code speaks. Producers stamp ``CONTRACT_VERSION``.
 MAJOR_VERSION = 1
-CONTRACT_VERSION = "1.1"
+CONTRACT_VERSION = "1.2"
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
@@ -85,6 +85,11 @@ class Content(_Model):
     platform: str | None = None
     type: ContentType | None = None
     segments: list[Segment] | None = None
+    #: Added in 1.2; a 1.1 consumer ignores it (and embeds only ``text``/``segments``).
+    lead: Annotated[str, Field(max_length=2_000_000)] | None = Field(None, description=(
+        "Text that goes with the content but has no time in the media (a video's summary, "
+        "caption and hashtags next to its timed transcript). embed_vectors gives it chunks of "
+        "its own, ahead of the content's and without timestamps; other tasks ignore it."))
 
 
 class Options(_Model):

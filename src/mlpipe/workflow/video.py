@@ -217,14 +217,30 @@ def _combined_summary(task: TranscribeTask, result: HandlerResult) -> Task:
 
 
 def _rich_embedding(task: SummarizeVideoCombinedTask, result: HandlerResult) -> Task:
+    """Summary, caption and hashtags plus the transcript. With timed segments, the transcript
+    is chunked in timestamped windows (so a hit on the spoken words says where they are) and
+    the rest goes ahead as an untimed ``lead``; without, all of it is one text."""
     p = task.payload
     summary = str(result.data.get("summary") or "")
-    parts = [summary, p.caption or "", " ".join(f"#{h}" for h in p.hashtags), p.transcript.text]
-    text = "\n\n".join(part for part in parts if part.strip())
+    parts = (summary.strip(), (p.caption or "").strip(), " ".join(f"#{h}" for h in p.hashtags))
+    # an extractive summary of a short clip can be its caption: said once
+    lead = "\n\n".join(dict.fromkeys(part for part in parts if part))
+    transcript, segments = p.transcript, p.transcript.segments or []
+    content: dict[str, Any] = {"type": "transcript"}
+    if any(s.text.strip() for s in segments):
+        content["text"] = transcript.text
+        content["segments"] = [s.model_dump(by_alias=True) for s in segments]
+        if lead:
+            content["lead"] = lead
+    else:
+        # a silent video's "transcript" is the caption (or "-") standing in: not said twice
+        stand_in = transcript.text.strip() in ("-", (p.caption or "").strip())
+        spoken = "" if stand_in else transcript.text
+        content["text"] = "\n\n".join(part for part in (lead, spoken) if part.strip()) \
+            or transcript.text
     return build_task(
         TaskType.EMBED_VECTORS, task.share_id,
-        {"content": {"text": text, "type": "transcript"},
-         "options": {**_backend_option(task), "embeddingType": "content"}},
+        {"content": content, "options": {**_backend_option(task), "embeddingType": "content"}},
         correlation_id=task.metadata.correlation_id, traceparent=task.metadata.traceparent)
 
 
