@@ -110,22 +110,21 @@ async def test_one_event_per_finished_task_with_ids(
 async def test_event_held_back_by_a_failed_publish_goes_out_on_redelivery(
         settings: Settings, listener: list[dict[str, Any]]) -> None:
     async with Effects(settings) as effects:
-        relay_flush = None
         calls = {"n": 0}
         async with running_daemon(settings, registry(set()), "summarize",
                                   executor=effects.executor) as daemon:
             relay = effects.executor._relay
             assert relay is not None
-            relay_flush = relay.flush
+            relay_publish = relay.publish
 
-            async def flaky_flush(share_id: str, task_type: str) -> int:
+            async def flaky_publish(pending: Any) -> int:
                 calls["n"] += 1
                 if calls["n"] == 1:  # the broker "fails" right after the commit
                     from mlpipe.errors import PublishError
                     raise PublishError("injected: confirm lost")
-                return await relay_flush(share_id, task_type)
+                return await relay_publish(pending)
 
-            relay.flush = flaky_flush  # type: ignore[method-assign]
+            relay.publish = flaky_publish  # type: ignore[method-assign]
             async with Producer(settings) as p:
                 await p.publish(task("crashy"))
             await wait_for(lambda: len(listener) == 1, timeout=10, message="event delivered")

@@ -37,11 +37,20 @@ def completed_event(task: Task, result: HandlerResult, message_id: str | None) -
 
 
 async def add_completed(conn: DB, task: Task, result: HandlerResult, exchange: str,
-                        message_id: str | None) -> None:
-    await outbox.add(conn, share_id=task.share_id, task_type=task.task_type.value,
-                     kind="event", exchange=exchange,
-                     routing_key=events.routing_key(task.task_type),
-                     message_id=uuid.uuid4().hex, body=completed_event(task, result, message_id))
+                        message_id: str | None) -> list[outbox.OutboxMessage]:
+    """Queue the ``completed`` event; returns everything now waiting to go out for this share
+    and task type (the caller publishes it once the transaction committed)."""
+    return await outbox.add_then_pending(
+        conn, share_id=task.share_id, task_type=task.task_type.value, kind="event",
+        exchange=exchange, routing_key=events.routing_key(task.task_type),
+        message_id=uuid.uuid4().hex, body=completed_event(task, result, message_id))
+
+
+def new_completed(task: Task, result: HandlerResult, exchange: str,
+                  message_id: str | None) -> tuple[str, str, str, dict[str, Any]]:
+    """Exchange, routing key, event id and body of a task's ``completed`` event."""
+    return (exchange, events.routing_key(task.task_type), uuid.uuid4().hex,
+            completed_event(task, result, message_id))
 
 
 class OutboxRelay:
@@ -52,7 +61,12 @@ class OutboxRelay:
     async def flush(self, share_id: str, task_type: str) -> int:
         """Publish what is still unpublished for this share and task type; raises
         ``PublishError`` if the broker does not confirm (the delivery then stays unacked)."""
-        pending = await outbox.pending(self._pool, share_id, task_type)
+        return await self.publish(await outbox.pending(self._pool, share_id, task_type))
+
+    async def publish(self, pending: list[outbox.OutboxMessage]) -> int:
+        """Publish rows read from the outbox (confirmed, in order) and mark them published."""
+        if not pending:
+            return 0
         done: list[int] = []
         try:
             for m in pending:

@@ -39,14 +39,14 @@ from mlpipe.idempotency.lock import LockManager
 from mlpipe.observability.metrics import Metrics
 from mlpipe.producer import Producer
 from mlpipe.settings import Settings
-from mlpipe.store import results
+from mlpipe.store import outbox, results
 from mlpipe.store.pool import UNAVAILABLE, unavailable_is_transient
 from mlpipe.worker.process import run_handler
 from mlpipe.workflow import video
 from mlpipe.workflow.deadline import DeadlineProcessor
 
 from .budget import BudgetGuard
-from .events import OutboxRelay, add_completed
+from .events import OutboxRelay, add_completed, new_completed
 from .parking import Parked, ResultParking
 
 log = structlog.get_logger(__name__)
@@ -90,8 +90,9 @@ class EffectsExecutor:
         digest = results.input_hash(task)
         tt = task.task_type.value
         ttl = max(1.0, spec.expected_runtime_s * LOCK_TTL_FACTOR)
+        parked_key = self._parking.key(tt, task.share_id) if self._parking else None
         lease = await self._locks.acquire(tt, task.share_id, ttl_s=ttl,
-                                          tag=f"{digest}/{ctx.message_id}")
+                                          tag=f"{digest}/{ctx.message_id}", peek=parked_key)
         if lease is None:
             if await self._is_concurrent_duplicate(tt, task.share_id, digest, ctx):
                 ctx.log.info("task.duplicate_in_flight")
@@ -101,13 +102,13 @@ class EffectsExecutor:
         async with lease:
             if await self._nothing_to_do(task, digest, ctx):
                 return None
-            parked = await self._find_parked(task, digest, ctx)
+            parked = self._find_parked(task, digest, ctx, lease.peeked)
             if parked is not None:  # paid for by an earlier delivery whose store failed
                 ctx.log.info("task.parked_result_stored", processing_ms=parked.processing_ms)
-                await asyncio.shield(self._persist(task, parked.result, digest,
-                                                   parked.processing_ms, None, ctx.message_id))
+                pending = await asyncio.shield(self._persist(
+                    task, parked.result, digest, parked.processing_ms, None, ctx.message_id))
                 await self._unpark(task)
-                await self._flush(task)
+                await self._publish(pending)
                 return parked.result
             reservation = await self._budget.reserve(task, spec)
             started = time.monotonic()
@@ -120,12 +121,12 @@ class EffectsExecutor:
             if lease.lost:
                 ctx.log.warning("task.lock_lost_during_run")
             try:
-                await asyncio.shield(self._persist(task, result, digest, elapsed_ms,
-                                                   reservation, ctx.message_id))
+                pending = await asyncio.shield(self._persist(task, result, digest, elapsed_ms,
+                                                             reservation, ctx.message_id))
             except BaseException:
                 await asyncio.shield(self._park(task, digest, result, elapsed_ms, ctx))
                 raise
-            await self._flush(task)
+            await self._publish(pending)
             return result
 
     async def _nothing_to_do(self, task: Task, digest: str, ctx: TaskContext) -> bool:
@@ -188,10 +189,12 @@ class EffectsExecutor:
                 raise TransientError(f"result stored, events not confirmed: {exc}",
                                      reason="event_publish_failed") from exc
 
-    async def _find_parked(self, task: Task, digest: str, ctx: TaskContext) -> Parked | None:
+    def _find_parked(self, task: Task, digest: str, ctx: TaskContext,
+                     raw: bytes | None) -> Parked | None:
+        """The parked entry was read together with the lock (one round trip)."""
         if self._parking is None:
             return None
-        parked = await self._parking.find(task.task_type.value, task.share_id, digest)
+        parked = self._parking.parse(task.task_type.value, task.share_id, digest, raw)
         if parked is None:
             return None
         # forceRecompute asks for a fresh run: only its own earlier attempt counts as fresh
@@ -212,22 +215,55 @@ class EffectsExecutor:
             await self._parking.drop(task.task_type.value, task.share_id)
 
     async def _persist(self, task: Task, result: HandlerResult, digest: str, elapsed_ms: int,
-                       reservation: int | None, message_id: str | None) -> None:
+                       reservation: int | None, message_id: str | None
+                       ) -> list[outbox.OutboxMessage]:
+        """Store the result, its costs and its outbox rows in one transaction; returns the
+        outbox rows to publish once it committed."""
+        pending: list[outbox.OutboxMessage] = []
         async with unavailable_is_transient("persisting the result"):
             async for attempt in AsyncRetrying(
                     retry=retry_if_exception_type(PERSIST_RETRYABLE),
                     wait=wait_exponential(multiplier=0.2, max=5),
                     stop=stop_after_delay(self._settings.persist_retry_s), reraise=True):
                 with attempt:
-                    async with self._pool.acquire() as conn, conn.transaction():
-                        await results.save(conn, task, result, input_hash=digest,
-                                           processing_ms=elapsed_ms,
-                                           correlation_id=task.metadata.correlation_id,
-                                           reservation_id=reservation)
-                        if self._relay is not None:
-                            await add_completed(conn, task, result, self._events_exchange,
-                                                message_id)
-                            await video.on_result(conn, task, result, self._tasks_exchange)
+                    if self._relay is not None and reservation is None and not result.costs \
+                            and not video.has_result_hook(task):
+                        # the common case: one statement, no explicit transaction
+                        exchange, key, event_id, body = new_completed(
+                            task, result, self._events_exchange, message_id)
+                        pending = await results.save_with_event(
+                            self._pool, task, result, input_hash=digest,
+                            processing_ms=elapsed_ms, exchange=exchange, routing_key=key,
+                            message_id=event_id, event=body)
+                    else:
+                        pending = await self._persist_in_transaction(
+                            task, result, digest, elapsed_ms, reservation, message_id)
+        return pending
+
+    async def _persist_in_transaction(self, task: Task, result: HandlerResult, digest: str,
+                                      elapsed_ms: int, reservation: int | None,
+                                      message_id: str | None) -> list[outbox.OutboxMessage]:
+        pending: list[outbox.OutboxMessage] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await results.save(conn, task, result, input_hash=digest, processing_ms=elapsed_ms,
+                               correlation_id=task.metadata.correlation_id,
+                               reservation_id=reservation)
+            if self._relay is not None:
+                await video.on_result(conn, task, result, self._tasks_exchange)
+                pending = await add_completed(conn, task, result, self._events_exchange,
+                                              message_id)
+        return pending
+
+    async def _publish(self, pending: list[outbox.OutboxMessage]) -> None:
+        """The outbox rows of a just-committed result, without reading them back."""
+        if self._relay is None or not pending:
+            return
+        async with unavailable_is_transient("publishing result events"):
+            try:
+                await self._relay.publish(pending)
+            except PublishError as exc:
+                raise TransientError(f"result stored, events not confirmed: {exc}",
+                                     reason="event_publish_failed") from exc
 
     async def _release_quietly(self, reservation: int | None) -> None:
         try:

@@ -79,6 +79,11 @@ class ResultParking:
             log.warning("result.parked_lookup_failed", task_type=task_type, share_id=share_id,
                         error=repr(exc))
             return None
+        return self.parse(task_type, share_id, input_hash, raw)
+
+    def parse(self, task_type: str, share_id: str, input_hash: str,
+              raw: bytes | str | None) -> Parked | None:
+        """A parked entry read elsewhere (with the task lock, in the same round trip)."""
         if raw is None:
             return None
         try:

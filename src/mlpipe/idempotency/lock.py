@@ -73,25 +73,35 @@ class LockManager:
         return f"{self._prefix}lock:{task_type}:{share_id}"
 
     async def acquire(self, task_type: str, share_id: str, *, ttl_s: float,
-                      tag: str = "") -> Lease | None:
+                      tag: str = "", peek: str | None = None) -> Lease | None:
         """Take the lock, or return None when someone else holds it. A Redis outage is a
         ``TransientError``: the delivery is retried later rather than run unguarded. The
-        lease is not renewed until it is entered with ``async with``."""
+        lease is not renewed until it is entered with ``async with``. ``peek`` names a key
+        the caller wants read in the same round trip (``Lease.peeked``)."""
         if not ttl_s > 0:
             raise ValueError(f"lock TTL must be positive, got {ttl_s}")
         key = self.key(task_type, share_id)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}:{tag}"
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
+        peeked: bytes | None = None
         try:
-            ok = await self._redis.set(key, token, nx=True, px=ttl_ms)
+            if peek is None:
+                ok = await self._redis.set(key, token, nx=True, px=ttl_ms)
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key, token, nx=True, px=ttl_ms)
+                    pipe.get(peek)
+                    ok, peeked = await pipe.execute()
         except _UNAVAILABLE as exc:
             # If the SET did land before the connection broke, nobody owns it: the TTL frees it.
             raise TransientError(f"Redis unavailable taking lock {key}: {exc}",
                                  reason="redis_unavailable") from exc
         if not ok:
             return None
-        return Lease(self, key, token, ttl_ms / 1000,
-                     confirmed_at=asyncio.get_running_loop().time())
+        lease = Lease(self, key, token, ttl_ms / 1000,
+                      confirmed_at=asyncio.get_running_loop().time())
+        lease.peeked = peeked
+        return lease
 
     async def holder(self, task_type: str, share_id: str) -> str | None:
         """The token of whoever holds the lock now, or None."""
@@ -119,6 +129,8 @@ class Lease:
         self._confirmed_at = confirmed_at
         self._renewer: asyncio.Task[None] | None = None
         self._entered = False
+        #: The value of ``acquire``'s ``peek`` key, read with the lock.
+        self.peeked: bytes | None = None
 
     @property
     def lost(self) -> bool:

@@ -15,7 +15,34 @@ from typing import Any
 
 from mlpipe.contract.models import Task
 from mlpipe.handlers import HandlerResult
+from mlpipe.store import outbox
 from mlpipe.store.pool import DB
+
+_UPSERT = """
+INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
+                        processing_ms, cost_usd)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (share_id, task_type) DO UPDATE SET
+    input_hash = EXCLUDED.input_hash, result_data = EXCLUDED.result_data,
+    model_version = EXCLUDED.model_version, processing_ms = EXCLUDED.processing_ms,
+    cost_usd = EXCLUDED.cost_usd, updated_at = now()
+"""
+#: The result and its ``completed`` event in one statement (one round trip, atomic without an
+#: explicit transaction), returning every outbox row still unpublished for the share and task
+#: type, the new one included, oldest first.
+_UPSERT_WITH_EVENT = """
+WITH result AS (""" + _UPSERT.strip() + """
+     RETURNING 1),
+new AS (
+    INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id, body,
+                           headers)
+    SELECT $1, $2, 'event', $8, $9, $10, $11, '{}'::jsonb FROM result
+    RETURNING id, exchange, routing_key, message_id, body, headers, kind)
+SELECT id, exchange, routing_key, message_id, body, headers, kind FROM ml_outbox
+WHERE share_id = $1 AND task_type = $2 AND published_at IS NULL
+UNION ALL SELECT * FROM new
+ORDER BY id
+"""
 
 
 @dataclass(frozen=True)
@@ -51,15 +78,7 @@ async def save(conn: DB, task: Task, result: HandlerResult, *,
     """Upsert the result and record its costs; call inside a transaction."""
     total = sum((c.usd for c in result.costs), start=0)
     await conn.execute(
-        """
-        INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
-                                processing_ms, cost_usd)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
-        ON CONFLICT (share_id, task_type) DO UPDATE SET
-            input_hash = EXCLUDED.input_hash, result_data = EXCLUDED.result_data,
-            model_version = EXCLUDED.model_version, processing_ms = EXCLUDED.processing_ms,
-            cost_usd = EXCLUDED.cost_usd, updated_at = now()
-        """,
+        _UPSERT,
         task.share_id, task.task_type.value, input_hash, result.data, result.model_version,
         processing_ms, total)
     if result.costs:
@@ -70,3 +89,18 @@ async def save(conn: DB, task: Task, result: HandlerResult, *,
               correlation_id) for c in result.costs])
     if reservation_id is not None:
         await conn.execute("DELETE FROM ml_cost_reservations WHERE id = $1", reservation_id)
+
+
+async def save_with_event(conn: DB, task: Task, result: HandlerResult, *, input_hash: str,
+                          processing_ms: int, exchange: str, routing_key: str,
+                          message_id: str, event: dict[str, Any]
+                          ) -> list[outbox.OutboxMessage]:
+    """``save`` plus the result's ``completed`` event for a result with no cost entries and
+    no reservation (the common case): one statement instead of a four-round-trip
+    transaction. Returns what the outbox holds for the share and task type."""
+    if result.costs:
+        raise ValueError("save_with_event is for results without cost entries")
+    rows = await conn.fetch(
+        _UPSERT_WITH_EVENT, task.share_id, task.task_type.value, input_hash, result.data,
+        result.model_version, processing_ms, 0, exchange, routing_key, message_id, event)
+    return [outbox.OutboxMessage(**dict(r)) for r in rows]

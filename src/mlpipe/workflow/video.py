@@ -182,6 +182,13 @@ async def on_deadline(conn: DB, share_id: str, timeout_s: float) -> bool:
                          f"no transcript within {timeout_s:g}s; caption-only")
 
 
+def has_result_hook(task: Task) -> bool:
+    """Whether ``on_result`` does anything for this task (the executor's fast path needs not)."""
+    if isinstance(task, EmbedTask):
+        return task.payload.content.type is ContentType.TRANSCRIPT
+    return is_video(task) or isinstance(task, SummarizeVideoCombinedTask)
+
+
 async def on_result(conn: DB, task: Task, result: HandlerResult, tasks_exchange: str) -> None:
     """Inside the result's transaction: move the state on and queue the next step."""
     if isinstance(task, TranscribeTask) and task.payload.video is not None:
