@@ -24,6 +24,7 @@ from mlpipe.settings import Settings
 from mlpipe.worker.delivery import InboundMessage
 from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, decide
 from mlpipe.worker.settle import deferrals_of, retry_count_of
+from mlpipe.worker.timeouts import limit
 
 if TYPE_CHECKING:
     from mlpipe.observability.metrics import Metrics
@@ -81,12 +82,12 @@ class PublishingExecutor(Protocol):
 async def run_handler(task: Task, spec: HandlerSpec, ctx: TaskContext,
                       default_timeout_s: float) -> HandlerResult:
     """Run the handler under its time limit; a run past it is a transient ``HandlerTimeout``."""
-    limit = spec.timeout_s or default_timeout_s
+    seconds = spec.timeout_s or default_timeout_s
     try:
-        async with asyncio.timeout(limit):
+        with limit(seconds):  # asyncio.timeout, on a timer shared by the loop's runs
             result = await spec.func(task, ctx)
     except TimeoutError:
-        raise HandlerTimeout(f"{task.task_type.value} ran longer than {limit}s") from None
+        raise HandlerTimeout(f"{task.task_type.value} ran longer than {seconds}s") from None
     if not isinstance(result, HandlerResult):
         raise TypeError(f"handler for {task.task_type.value} returned {type(result).__name__}, "
                         "not HandlerResult")
