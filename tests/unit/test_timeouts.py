@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -117,3 +118,30 @@ def test_a_swallowed_expiry_leaves_the_task_uncancelled(run: Any) -> None:
 def test_limit_needs_a_running_loop() -> None:
     with pytest.raises(RuntimeError), limit(1):
         pass
+
+
+def test_loops_on_two_threads_keep_their_own_deadlines() -> None:
+    """Each thread's runs time out on their own loop's timer, however the threads interleave."""
+    results: dict[str, list[tuple[str, float]]] = {}
+
+    def worker(name: str, runner: Callable[[Awaitable[Any]], Any]) -> None:
+        async def main() -> list[tuple[str, float]]:
+            fast = [await _timed(30, 0) for _ in range(200)]
+            return fast + list(await asyncio.gather(_timed(0.2, 5), _timed(0.1, 5),
+                                                    _timed(5, 0.05)))
+
+        results[name] = runner(main())
+
+    threads = [threading.Thread(target=worker, args=(name, runner))
+               for name, runner in RUNNERS.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == sorted(RUNNERS)
+    for outcomes in results.values():
+        assert [o for o, _ in outcomes[:200]] == ["done"] * 200
+        (o1, t1), (o2, t2), (o3, _) = outcomes[200:]
+        assert (o1, o2, o3) == ("timeout", "timeout", "done")
+        assert 0.199 <= t1 < 0.4
+        assert 0.099 <= t2 < 0.3
