@@ -4,12 +4,15 @@ refused with a precise reason."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlpipe.contract.codec import decode, encode
-from mlpipe.contract.models import TaskType, build_task
+from mlpipe.contract.models import TASK_MODELS, TaskType, build_task
 from mlpipe.contract.schema import render, schemas
 from mlpipe.errors import ContractError, UnknownTaskType, UnsupportedVersion
 
@@ -93,3 +96,24 @@ def test_deeply_nested_json_is_a_contract_error() -> None:
     with pytest.raises(ContractError) as info:
         decode(b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
     assert info.value.reason == "not_json"
+
+
+@settings(max_examples=200, deadline=None)
+@given(task_type=st.sampled_from(list(TaskType)), decoy=st.sampled_from(list(TaskType)),
+       text=st.text(min_size=1, max_size=60), spaced=st.booleans(),
+       order=st.randoms(use_true_random=False))
+def test_fast_path_agrees_with_a_full_parse(task_type: TaskType, decoy: TaskType, text: str,
+                                            spaced: bool, order: random.Random) -> None:
+    """However the JSON is laid out (key order, spacing, a task-type marker in a text field
+    or in an unknown object that may come first), the fast path's guess never changes the
+    result."""
+    doc = json.loads((CONTRACTS / "examples" / f"{task_type.value}.json").read_text())
+    doc["unknownExtra"] = {"taskType": decoy.value}
+    payload = doc["payload"]
+    for key in ("content", "transcript"):
+        if key in payload:
+            payload[key]["text"] = text + ' "taskType":"embed_vectors" ' + text
+    items = list(doc.items())
+    order.shuffle(items)
+    body = json.dumps(dict(items), separators=(", ", ": ") if spaced else (",", ":")).encode()
+    assert decode(body) == TASK_MODELS[task_type].model_validate_json(body)
