@@ -77,3 +77,40 @@ async def test_settles_once_and_nack_requeues(broker_url: str) -> None:
     async with await aio_pika.connect(broker_url) as check:
         queue = await (await check.channel()).declare_queue("t.delivery", durable=True)
         assert queue.declaration_result.message_count == 0
+
+
+async def test_every_ack_reaches_the_broker_before_the_daemon_stops(broker_url: str) -> None:
+    """Acks are queued without waiting for the write; stopping right after the last delivery
+    settled must still leave nothing to redeliver."""
+    from mlpipe.contract.models import TaskType, build_task
+    from mlpipe.handlers import HandlerResult, Registry
+    from mlpipe.producer import Producer
+    from mlpipe.settings import QueueTuning, Settings
+    from mlpipe.testing import running_daemon, wait_for
+
+    settings = Settings(broker_url=broker_url, http_port=0,
+                        queues={"embed": QueueTuning(prefetch=128, concurrency=128)})
+    registry = Registry()
+
+    async def handle(task: object, ctx: object) -> HandlerResult:
+        return HandlerResult({})
+
+    registry.register(TaskType.EMBED_VECTORS, handle)
+    n = 2000
+    async with Producer(settings) as p:
+        await asyncio.gather(*(p.publish(build_task(TaskType.EMBED_VECTORS, f"s-{i}",
+                                                    {"content": {"text": "t"}}))
+                               for i in range(n)))
+    for _ in range(3):
+        async with running_daemon(settings, registry, "embed") as daemon:
+            await wait_for(lambda: daemon.status().tasks_done > 0, timeout=30,
+                           interval=0.0005, message="consuming")
+            await wait_for(lambda: daemon.status().tasks_done >= n // 3, timeout=30,
+                           interval=0.0005, message="a third settled")
+        # stopped in the middle of a stream of acks: what settled was acked, the rest is back
+        settled = daemon.status().tasks_done
+        async with await aio_pika.connect(broker_url) as conn:
+            queue = await (await conn.channel()).declare_queue("ml.embed", passive=True)
+            left = queue.declaration_result.message_count
+        assert left == n - settled, (left, n, settled)
+        n = left

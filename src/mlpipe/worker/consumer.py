@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
+import aiormq.abc
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.abc import DeliveredMessage
@@ -55,6 +56,8 @@ class QueueConsumer:
         #: (task_type, outcome) -> (tasks counter, duration histogram) children.
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._queue: AbstractQueue | None = None
+        #: aiormq's channel under ``_queue``, flushed by ``drain``.
+        self._channel: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
         self._accepting = False
         #: Deliveries whose handler has started and not yet settled.
@@ -75,7 +78,7 @@ class QueueConsumer:
         await channel.set_qos(prefetch_count=self._tuning.prefetch)
         self._queue = await channel.get_queue(self.queue_name, ensure=False)
         self._accepting = True
-        underlay = await channel.get_underlay_channel()
+        underlay = self._channel = await channel.get_underlay_channel()
         ok = await underlay.basic_consume(self.queue_name, self._deliver, no_ack=False)
         self._tag = ok.consumer_tag
         log.info("consumer.subscribed", queue=self.queue_name, prefetch=self._tuning.prefetch,
@@ -83,7 +86,7 @@ class QueueConsumer:
 
     def forget_subscription(self) -> None:
         """The channel is gone (connection lost); in-flight tasks carry on."""
-        self._queue, self._tag = None, None
+        self._queue, self._tag, self._channel = None, None, None
 
     def halt(self) -> None:
         """Start no more handlers from now on (synchronous, so no waiting delivery can slip
@@ -105,15 +108,28 @@ class QueueConsumer:
         go back to the queue). Returns how many were cancelled. A delivery already settling
         is not cancelled (its ack, or its retry publish and ack, must not be cut in half): it
         gets the same 10 s as the cancelled ones to finish."""
-        if not self._tasks:
-            return 0
-        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        cancelled = [task for task in pending if task not in self._settling]
-        for task in cancelled:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=10)
+        cancelled: list[asyncio.Task[None]] = []
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            cancelled = [task for task in pending if task not in self._settling]
+            for task in cancelled:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+        await self._flush_acks()
         return len(cancelled)
+
+    async def _flush_acks(self) -> None:
+        """Acks leave without waiting for the connection's writer (``Delivery.ack``): a round
+        trip on the channel (``basic.qos`` with the same prefetch, which changes nothing) after
+        the last of them returns only once the broker has read everything sent before it, so
+        the connection can close next without dropping an ack still queued for the writer."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return  # the broker requeues what was not acked on a closed channel
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.basic_qos(prefetch_count=self._tuning.prefetch),
+                                   timeout=5)
 
     # --- per delivery -----------------------------------------------------------------------
 

@@ -115,8 +115,13 @@ class Delivery:
         return channel, tag
 
     async def ack(self) -> None:
+        """Queue the ack for the connection's writer without waiting for it to be written: an
+        ack has no reply anyway, and waiting cost a future and a task wake-up per delivery
+        (~5 µs, ``make bench``). A closed channel still raises here; ``QueueConsumer.drain``
+        flushes before the daemon closes the connection; and if the connection dies before
+        the write, the broker redelivers, as for an ack lost on the wire."""
         channel, tag = self._target()
-        await channel.basic_ack(tag)
+        await channel.basic_ack(tag, wait=False)
         self._settled = True
 
     async def nack(self, *, requeue: bool = True) -> None:
