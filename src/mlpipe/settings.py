@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     #: pgvector extension in ``public`` is found).
     database_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]*$")
     database_pool_size: int = Field(default=10, ge=1)
+    #: How long start-up waits for Postgres to accept connections: a replica started during a
+    #: database restart or failover waits it out instead of crash-looping.
+    startup_wait_s: float = Field(default=60.0, ge=0)
     #: Prefix of the Redis lock keys.
     lock_prefix: str = "mlpipe:"
     #: How long persisting a finished result is retried in-process (a Postgres blip must not

@@ -297,3 +297,25 @@ async def test_result_that_cannot_be_stored_is_parked_not_paid_twice(
         assert await client.exists(f"{lock_prefix}parked:summarize_llm:parked-share") == 0
     finally:
         await client.aclose()
+
+
+async def test_start_up_waits_for_postgres_within_startup_wait(
+        broker_url: str, lock_prefix: str, pg_instance: ThrowawayPostgres) -> None:
+    """Found by make chaos: a replacement daemon started while Postgres restarted exited at
+    once. Start-up now waits up to ``startup_wait_s`` for the database."""
+    from tests.conftest import REDIS_URL
+
+    settings = outage_settings(broker_url, pg_instance.dsn, "public", REDIS_URL, lock_prefix)
+    await asyncio.to_thread(pg_instance.stop)
+    short = settings.model_copy(update={"startup_wait_s": 0.5})
+    with pytest.raises(ConnectionRefusedError):  # after the short wait
+        await Effects(short).start()
+    starting = asyncio.create_task(Effects(settings).start())
+    await asyncio.sleep(1.5)
+    assert not starting.done()
+    await asyncio.to_thread(pg_instance.start)
+    effects = await asyncio.wait_for(starting, timeout=60)
+    try:
+        await effects.check_postgres()
+    finally:
+        await effects.close()

@@ -14,17 +14,21 @@ from typing import Self
 
 import asyncpg
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from mlpipe.errors import MlpipeError
 from mlpipe.idempotency.lock import LockManager
 from mlpipe.settings import Settings
-from mlpipe.store.pool import create_pool
+from mlpipe.store.pool import UNAVAILABLE, create_pool
 
 from .budget import BudgetGuard
 from .executor import EffectsExecutor
 from .parking import ResultParking
+
+log = structlog.get_logger(__name__)
 
 
 class Effects:
@@ -50,8 +54,7 @@ class Effects:
                                              socket_connect_timeout=2.0,
                                              retry=Retry(NoBackoff(), 0))
         try:
-            self.pool = await create_pool(s.database_url, schema=s.database_schema,
-                                          size=s.database_pool_size)
+            self.pool = await self._connect_postgres()
         except BaseException:
             await self.redis.aclose()
             raise
@@ -65,6 +68,21 @@ class Effects:
         self._executor = EffectsExecutor(s, self.pool, locks, BudgetGuard(s, self.pool),
                                          parking=parking)
         return self
+
+    async def _connect_postgres(self) -> asyncpg.Pool:
+        """The pool, once Postgres accepts connections (within ``startup_wait_s``)."""
+        s = self._settings
+        async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(UNAVAILABLE),
+                wait=wait_exponential(multiplier=0.2, max=2.0),
+                stop=stop_after_delay(s.startup_wait_s), reraise=True,
+                before_sleep=lambda state: log.warning(
+                    "effects.postgres_unavailable", attempt=state.attempt_number,
+                    error=repr(state.outcome.exception() if state.outcome else None))):
+            with attempt:
+                return await create_pool(s.database_url, schema=s.database_schema,
+                                         size=s.database_pool_size)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _check_schema(self) -> None:
         """Fail at start-up, not on the first delivery, when the schema was never migrated."""
