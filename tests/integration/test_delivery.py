@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 
 import aio_pika
 import pytest
@@ -12,6 +13,7 @@ from aio_pika import IncomingMessage
 from aiormq.abc import DeliveredMessage
 
 from mlpipe.errors import AlreadySettled
+from mlpipe.worker.daemon import Daemon
 from mlpipe.worker.delivery import Delivery
 
 FIELDS = ("body", "headers", "content_type", "content_encoding", "message_id",
@@ -79,6 +81,10 @@ async def test_settles_once_and_nack_requeues(broker_url: str) -> None:
         assert queue.declaration_result.message_count == 0
 
 
+def _settled_at_least(daemon: Daemon, k: int) -> bool:
+    return daemon.status().tasks_done >= k
+
+
 async def test_every_ack_reaches_the_broker_before_the_daemon_stops(broker_url: str) -> None:
     """Acks are queued without waiting for the write; stopping right after the last delivery
     settled must still leave nothing to redeliver."""
@@ -105,7 +111,7 @@ async def test_every_ack_reaches_the_broker_before_the_daemon_stops(broker_url: 
         async with running_daemon(settings, registry, "embed") as daemon:
             await wait_for(lambda: daemon.status().tasks_done > 0, timeout=30,
                            interval=0.0005, message="consuming")
-            await wait_for(lambda: daemon.status().tasks_done >= n // 3, timeout=30,
+            await wait_for(functools.partial(_settled_at_least, daemon, n // 3), timeout=30,
                            interval=0.0005, message="a third settled")
         # stopped in the middle of a stream of acks: what settled was acked, the rest is back
         settled = daemon.status().tasks_done
