@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,22 @@ def effects_env(broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str) 
     return {"MLPIPE_BROKER_URL": broker_url, "MLPIPE_DATABASE_URL": pg_dsn,
             "MLPIPE_DATABASE_SCHEMA": pg_schema, "MLPIPE_REDIS_URL": REDIS_URL,
             "MLPIPE_LOCK_PREFIX": lock_prefix}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The local embedding test model (PyPI packages), assembled the way a deployment would."""
+    from consumers.embed.models import ModelNotInstalled, install
+
+    try:
+        return str(install(tmp_path_factory.mktemp("minilm")))
+    except ModelNotInstalled as exc:
+        pytest.fail(f"local embedding model missing: {exc}")
+
+
+@pytest.fixture
+def media_root(tmp_path: Path) -> Path:
+    """A directory the handlers may read media from (``media_roots``)."""
+    root = tmp_path / "media"
+    root.mkdir()
+    return root

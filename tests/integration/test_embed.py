@@ -31,7 +31,6 @@ from consumers.embed.chunking import Chunk
 from consumers.embed.cli import build_parser, run_search
 from consumers.embed.handler import api_model
 from consumers.embed.local import MODEL_NAME, LocalEmbedder
-from consumers.embed.models import ModelNotInstalled, install
 from consumers.embed.searcher import Searcher
 from consumers.embed.store import ChunkStore
 from mlpipe.broker.topology import Topology
@@ -47,15 +46,6 @@ from mlpipe.store.pool import create_pool
 from mlpipe.testing import running_daemon, wait_for
 from tests.conftest import REDIS_URL
 from tests.fake_openai import FakeOpenAI
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The local test model (PyPI packages), assembled the way a deployment would."""
-    try:
-        return str(install(tmp_path_factory.mktemp("minilm")))
-    except ModelNotInstalled as exc:
-        pytest.fail(f"local embedding model missing: {exc}")
 
 
 @pytest.fixture

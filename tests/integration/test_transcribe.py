@@ -42,13 +42,6 @@ from tests.media_fixtures import (
 
 
 @pytest.fixture
-def media_root(tmp_path: Path) -> Path:
-    root = tmp_path / "media"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def base_settings(broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str,
                   media_root: Path) -> dict[str, Any]:
     return {"broker_url": broker_url, "database_url": pg_dsn, "database_schema": pg_schema,

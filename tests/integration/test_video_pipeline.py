@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from consumers import build_registry
-from consumers.embed.models import ModelNotInstalled, install
 from mlpipe.contract.models import EmbedTask, Task
 from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects
@@ -39,28 +38,13 @@ CAPTION = "Our weekly finance team reminder"
 HASHTAGS = ["finance", "reports"]
 
 
-@pytest.fixture(scope="module")
-def embedding_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    try:
-        return str(install(tmp_path_factory.mktemp("minilm")))
-    except ModelNotInstalled as exc:
-        pytest.fail(f"local embedding model missing: {exc}")
-
-
-@pytest.fixture
-def media_root(tmp_path: Path) -> Path:
-    root = tmp_path / "media"
-    root.mkdir()
-    return root
-
-
 @pytest.fixture
 def settings(broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str, media_root: Path,
-             embedding_model: str) -> Settings:
+             model_dir: str) -> Settings:
     return Settings(broker_url=broker_url, database_url=pg_dsn, database_schema=pg_schema,
                     redis_url=REDIS_URL, lock_prefix=lock_prefix, media_roots=[str(media_root)],
                     whisper_model_dir=str(whisper_model_dir()),
-                    embedding_model_dir=embedding_model,
+                    embedding_model_dir=model_dir,
                     retry=RetryPolicy(max_retries=1, base_delay_s=0.2, max_delay_s=0.5))
 
 
