@@ -69,21 +69,12 @@ class ResultParking:
             return False
         return True
 
-    async def find(self, task_type: str, share_id: str, input_hash: str) -> Parked | None:
-        """The parked result for exactly this input, if any. A parked result of another input
-        is stale (the share's content changed) and is ignored; Redis being down reads as
-        "nothing parked": the caller then pays again rather than waits."""
-        try:
-            raw = await self._redis.get(self.key(task_type, share_id))
-        except _UNAVAILABLE as exc:
-            log.warning("result.parked_lookup_failed", task_type=task_type, share_id=share_id,
-                        error=repr(exc))
-            return None
-        return self.parse(task_type, share_id, input_hash, raw)
-
     def parse(self, task_type: str, share_id: str, input_hash: str,
               raw: bytes | str | None) -> Parked | None:
-        """A parked entry read elsewhere (with the task lock, in the same round trip)."""
+        """The parked result for exactly this input, from the raw entry (read together with
+        the task lock, in the same round trip). A parked result of another input is stale (the
+        share's content changed) and is ignored; so is an unreadable one: the caller then pays
+        again rather than fails."""
         if raw is None:
             return None
         try:

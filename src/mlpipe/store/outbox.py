@@ -28,6 +28,15 @@ async def add(conn: DB, *, share_id: str, task_type: str, kind: str, exchange: s
         share_id, task_type, kind, exchange, routing_key, message_id, body, headers or {})
 
 
+#: The columns of an ``OutboxMessage``.
+COLUMNS = "id, exchange, routing_key, message_id, body, headers, kind"
+#: Closes a statement whose CTE ``new`` inserted an outbox row for share ``$1`` and task type
+#: ``$2``: every row still unpublished for them, the new one included (a statement does not
+#: see its own CTE's inserts), oldest first.
+PENDING_WITH_NEW = (f"SELECT {COLUMNS} FROM ml_outbox WHERE share_id = $1 AND task_type = $2 "
+                    "AND published_at IS NULL UNION ALL SELECT * FROM new ORDER BY id")
+
+
 async def add_then_pending(conn: DB, *, share_id: str, task_type: str, kind: str,
                            exchange: str, routing_key: str, message_id: str,
                            body: dict[str, Any]) -> list[OutboxMessage]:
@@ -35,17 +44,10 @@ async def add_then_pending(conn: DB, *, share_id: str, task_type: str, kind: str
     the new row plus every row still unpublished for the share and task type (earlier
     statements of the same transaction included), oldest first."""
     rows = await conn.fetch(
-        """
-        WITH new AS (
-            INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id,
-                                   body, headers)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, '{}'::jsonb)
-            RETURNING id, exchange, routing_key, message_id, body, headers, kind)
-        SELECT id, exchange, routing_key, message_id, body, headers, kind FROM ml_outbox
-        WHERE share_id = $1 AND task_type = $2 AND published_at IS NULL
-        UNION ALL SELECT * FROM new
-        ORDER BY id
-        """, share_id, task_type, kind, exchange, routing_key, message_id, body)
+        "WITH new AS (INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, "
+        "message_id, body, headers) VALUES ($1, $2, $3, $4, $5, $6, $7, '{}'::jsonb) "
+        f"RETURNING {COLUMNS}) {PENDING_WITH_NEW}",
+        share_id, task_type, kind, exchange, routing_key, message_id, body)
     return [OutboxMessage(**dict(r)) for r in rows]
 
 

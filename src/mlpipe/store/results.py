@@ -37,12 +37,7 @@ new AS (
     INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id, body,
                            headers)
     SELECT $1, $2, 'event', $8, $9, $10, $11, '{}'::jsonb FROM result
-    RETURNING id, exchange, routing_key, message_id, body, headers, kind)
-SELECT id, exchange, routing_key, message_id, body, headers, kind FROM ml_outbox
-WHERE share_id = $1 AND task_type = $2 AND published_at IS NULL
-UNION ALL SELECT * FROM new
-ORDER BY id
-"""
+    RETURNING """ + outbox.COLUMNS + ") " + outbox.PENDING_WITH_NEW
 
 
 @dataclass(frozen=True)
