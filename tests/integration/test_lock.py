@@ -219,11 +219,13 @@ async def test_renewal_never_extends_another_owners_lock(locks: LockManager,
 
 
 async def test_renewal_keeps_a_short_lock_alive(locks: LockManager) -> None:
-    lease = await locks.acquire("t", "s", ttl_s=0.3)
+    # a TTL of one second (renewed every third of it) rides out the scheduling delays of a
+    # loaded 2-core machine; 0.3 s flaked there
+    lease = await locks.acquire("t", "s", ttl_s=1.0)
     assert lease is not None
     loop = asyncio.get_running_loop()
     async with lease:
-        end = loop.time() + 1.2  # four TTLs of body time
+        end = loop.time() + 3.0  # three TTLs of body time
         while loop.time() < end:
             assert await locks.holder("t", "s") == lease.token
             assert not lease.lost
@@ -233,7 +235,7 @@ async def test_renewal_keeps_a_short_lock_alive(locks: LockManager) -> None:
 
 
 async def test_lost_lock_is_noticed_within_a_ttl(locks: LockManager, raw: aioredis.Redis) -> None:
-    ttl = 0.3
+    ttl = 1.0
     lease = await locks.acquire("t", "s", ttl_s=ttl)
     assert lease is not None
     async with lease:
@@ -277,7 +279,7 @@ async def test_outage_declares_loss_only_once_the_key_has_surely_expired(
             await asyncio.wait_for(lease.lost_event.wait(), timeout=ttl + 1)
             lost_at = loop.time()
             assert lost_at - before >= ttl, "declared lost while the key could still be alive"
-            assert lost_at - after <= ttl + 0.3
+            assert lost_at - after <= ttl + 1.0  # promptly, with slack for a loaded machine
             assert await locks.holder("t", "s") is None  # and indeed it is gone
             raise ZeroDivisionError
 
