@@ -104,7 +104,9 @@ def _unused_port() -> int:
 @pytest.fixture
 async def raw() -> AsyncIterator[aioredis.Redis]:
     """A direct client, to play the other worker or an operator behind the lock's back."""
-    client = aioredis.Redis.from_url(REDIS_URL)
+    # socket timeouts as the daemon's client has (effects/__init__.py): a command stuck on a
+    # connection whose earlier command was cancelled must fail, not hang the test
+    client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=5.0, socket_connect_timeout=5.0)
     try:
         yield client
     finally:
