@@ -31,7 +31,6 @@ import schemathesis
 from pgvector.asyncpg import register_vector
 
 from consumers.embed.local import MODEL_NAME, LocalEmbedder
-from consumers.embed.models import ModelNotInstalled, install
 from mlpipe.api import ApiConfig, ApiConfigError, ApiServer
 from mlpipe.api import cursor as api_cursor
 from mlpipe.api.models import CostsQuery, SearchQuery, SharePath, SimilarQuery
@@ -196,14 +195,6 @@ async def seed(conn: asyncpg.Connection, embed: Callable[[list[str]], Awaitable[
 
 
 # --- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    try:
-        return str(install(tmp_path_factory.mktemp("minilm-api")))
-    except ModelNotInstalled as exc:
-        pytest.fail(f"local embedding model missing: {exc}")
 
 
 @pytest.fixture(scope="session")
