@@ -169,6 +169,17 @@ class Settings(BaseSettings):
     embedding_model_dir: str | None = None
     #: Local media paths are readable only under these directories; anything else is refused.
     media_roots: list[str] = Field(default_factory=list)
+    #: A media URL from the broker is hostile: ``http(s)`` fetches dial only public unicast
+    #: addresses. These opt in the internal hosts a deployment really keeps media on: exact
+    #: host names or ``*.suffix`` (JSON list), and networks (CIDR, JSON list) whose addresses
+    #: may be dialled although they are private, loopback or link-local.
+    media_allowed_hosts: list[str] = Field(default_factory=list)
+    media_allow_private_networks: list[str] = Field(default_factory=list)
+    #: ``s3://`` media only from these buckets: the worker's credentials must not read every
+    #: object its role can read on a publisher's say-so. Empty: every S3 URL is refused.
+    media_s3_buckets: list[str] = Field(default_factory=list)
+    #: Redirects an ``http(s)`` fetch follows, each hop checked like the first URL.
+    media_max_redirects: int = Field(default=5, ge=0, le=20)
     media_max_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
     media_timeout_s: float = Field(default=60.0, gt=0)
     #: Longest audio accepted for transcription (the original system's 30 minutes).
@@ -239,6 +250,26 @@ class Settings(BaseSettings):
     def _keep_default_budgets(cls, value: dict[str, Budget]) -> dict[str, Budget]:
         defaults = {k: Budget(**v) for k, v in DEFAULT_BUDGETS.items()}
         return {**defaults, **value}
+
+    @field_validator("media_allow_private_networks", mode="after")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        """A typo in a CIDR must fail at start-up, not open or close a door at fetch time."""
+        import ipaddress
+
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @field_validator("media_allowed_hosts", mode="after")
+    @classmethod
+    def _hosts_lower(cls, value: list[str]) -> list[str]:
+        out = [h.strip().lower().rstrip(".") for h in value]
+        bad = [h for h in out if not h or h == "*" or "*" in h[1:] or
+               (h.startswith("*") and not h.startswith("*."))]
+        if bad:
+            raise ValueError(f"media_allowed_hosts: {bad} are not host names or '*.suffix'")
+        return out
 
     def budget(self, task_type: str) -> Budget:
         return self.budgets.get(task_type, Budget())
