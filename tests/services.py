@@ -1,11 +1,19 @@
 """Throwaway services for fault tests: a private RabbitMQ node, Redis and pgvector Postgres on
-their own loopback ports and data folders, so stopping or restarting them disturbs nothing
-else on the machine. Each is started and stopped by the test that owns it."""
+their own loopback ports and data folders, so stopping, restarting or killing them disturbs
+nothing else on the machine. Each is started and stopped by the test that owns it.
+
+``kill()`` is a SIGKILL, as an OOM kill or a lost machine delivers it. The pid is always the
+service's own (read from its own pid file or port and checked against the process's command
+line), never one found by name: the machine's shared RabbitMQ, Redis and Postgres run the same
+binaries.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -36,22 +44,68 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class ThrowawayRedis:
-    """``persistent`` keeps keys across a restart (AOF, fsync always), as a Redis that holds
-    locks in production should; without it a restart starts empty."""
+def _cmdline(pid: int) -> str:
+    """Command line and environment of ``pid`` (a RabbitMQ node's name is only in the latter,
+    as ``RABBITMQ_NODENAME``)."""
+    out = []
+    for part in ("cmdline", "environ"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            out.append(Path(f"/proc/{pid}/{part}").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace"))
+    return " ".join(out)
 
-    def __init__(self, *, persistent: bool = False) -> None:
+
+def _alive(pid: int) -> bool:
+    """Whether the pid still exists, zombies included: Postgres and RabbitMQ check their old
+    pid with ``kill(pid, 0)``, which a zombie not yet reaped by init still passes."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def sigkill_own(pid: int, must_contain: str, what: str, timeout: float = 30) -> None:
+    """SIGKILL ``pid`` after checking that its command line names ``must_contain`` (our own
+    port, node name or data folder), and wait until it is gone."""
+    cmdline = _cmdline(pid)
+    if must_contain not in cmdline:
+        raise RuntimeError(f"refusing to kill pid {pid}: not {what} ({cmdline[:200]!r})")
+    os.kill(pid, signal.SIGKILL)
+    _wait(f"{what} (pid {pid})", lambda: _alive(pid), False, timeout)
+
+
+class ThrowawayRedis:
+    """``persistent`` keeps keys across a restart (AOF), as a Redis that holds locks in
+    production should; without it a restart starts empty. ``appendfsync`` is the AOF policy:
+    ``everysec`` is what production runs (a crash loses up to about a second of writes),
+    ``always`` loses nothing but fsyncs every write."""
+
+    def __init__(self, *, persistent: bool = False, appendfsync: str = "everysec") -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync {appendfsync!r}")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="mlpipe-redis-")
         self.persistent = persistent
+        self.appendfsync = appendfsync
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        durability = (["--appendonly", "yes", "--appendfsync", "always"] if self.persistent
-                      else ["--appendonly", "no"])
+        durability = (["--appendonly", "yes", "--appendfsync", self.appendfsync]
+                      if self.persistent else ["--appendonly", "no"])
         subprocess.run(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                         "--save", "", *durability, "--daemonize", "yes",
                         "--dir", self.dir], check=True, capture_output=True)
@@ -67,8 +121,22 @@ class ThrowawayRedis:
                              text=True)
         return out.stdout.strip() == "PONG"
 
+    def pid(self) -> int:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "info", "server"],
+                             capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            if line.startswith("process_id:"):
+                return int(line.split(":", 1)[1])
+        raise RuntimeError(f"redis on port {self.port} did not tell its pid")
+
+    def kill(self) -> None:
+        """SIGKILL the server: no AOF flush, no goodbye. With ``appendfsync everysec`` the
+        writes of (up to) the last second are gone when it comes back."""
+        sigkill_own(self.pid(), f":{self.port}", f"the throwaway redis on port {self.port}")
+
     def cleanup(self) -> None:
-        self.stop()
+        if self._ping():
+            self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -94,6 +162,33 @@ class ThrowawayPostgres:
 
     def stop(self) -> None:
         self._script("stop")
+
+    def postmaster_pid(self) -> int:
+        return int((Path(self.data) / "postmaster.pid").read_text().splitlines()[0])
+
+    def kill(self, *, orphans_s: float = 10.0) -> None:
+        """SIGKILL the postmaster: no shutdown checkpoint, so the next start runs crash
+        recovery from the WAL. Its backends notice the postmaster is gone and exit on their
+        own; any still there after ``orphans_s`` are killed too (they hold the old shared
+        memory, which would stop the restart), as the OOM killer of a container would."""
+        pid = self.postmaster_pid()
+        children = _children(pid)
+        sigkill_own(pid, self.data, f"the throwaway postgres in {self.data}")
+        deadline = time.monotonic() + orphans_s
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for child in children:  # children of the postmaster checked above: ours
+            if _alive(child):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+        _wait("orphaned postgres backends", lambda: any(_alive(c) for c in children), False)
+
+    def crash_recovered(self) -> bool:
+        """Whether the server log shows crash recovery (the last start found no clean
+        shutdown)."""
+        log = Path(self.data) / "server.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "not properly shut down" in text or "automatic recovery in progress" in text
 
     def cleanup(self) -> None:
         self.stop()
@@ -145,6 +240,17 @@ class PrivateRabbit:
 
     def close_all_connections(self) -> None:
         self._ctl("close_all_connections", "mlpipe chaos: forced close")
+
+    def beam_pid(self) -> int:
+        return int((self.dir / "pid").read_text().strip())
+
+    def kill(self) -> None:
+        """SIGKILL this node's beam (an OOM kill of the broker): no ``stop_app``, no
+        connection close frames; clients find out from their sockets. ``start()`` boots it
+        again from its data folder (quorum queues recover from their WAL)."""
+        sigkill_own(self.beam_pid(), f"RABBITMQ_NODENAME={self.node} ",
+                    f"the beam of {self.node}")
+        (self.dir / "pid").unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         try:
