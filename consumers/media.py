@@ -3,8 +3,10 @@
 A media URL comes from a producer, i.e. from outside, and asks this worker to read something
 on its behalf. So everything not explicitly allowed is refused: only the schemes below; local
 files only under ``settings.media_roots``, judged after symlinks and ``..`` are resolved (a
-link inside a root pointing out of it is outside); downloads bounded in size while streaming
-(``Content-Length`` may be absent or lie, and gzip may expand) and in time.
+link inside a root pointing out of it is outside); ``http(s)`` only to public addresses or the
+deployment's opt-ins, checked on the address dialled and on every redirect hop
+(``netpolicy``); ``s3://`` only from ``settings.media_s3_buckets``; downloads bounded in size
+while streaming (``Content-Length`` may be absent or lie, and gzip may expand) and in time.
 
 Outcomes: a URL that may never be read -> ``PermanentError("forbidden_media_url")``; missing or
 denied (404/403) -> ``PermanentError("media_not_found")``; larger than ``media_max_bytes`` ->
@@ -18,11 +20,12 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import aiohttp
 from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
+from aiohttp.abc import AbstractResolver
 from botocore.exceptions import (  # type: ignore[import-untyped]
     BotoCoreError,
     ClientError,
@@ -31,6 +34,14 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.settings import Settings
+
+from .netpolicy import (
+    FORBIDDEN_REASON,
+    DestinationPolicy,
+    Refusal,
+    connector_kwargs,
+    refused,
+)
 
 CHUNK_BYTES = 1 << 16
 
@@ -41,16 +52,19 @@ _S3_TRANSIENT = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingExceptio
                  "ServiceUnavailable", "InternalError", "RequestTimeTooSkewed"}
 
 
-async def fetch_media(url: str, settings: Settings, dest_dir: Path) -> Path:
+async def fetch_media(url: str, settings: Settings, dest_dir: Path, *,
+                      resolver: AbstractResolver | None = None) -> Path:
     """Make the media at ``url`` readable as a local file and return its path.
 
     Remote media is downloaded into ``dest_dir`` (which the caller owns and cleans up); an
-    allowed local file is returned in place, resolved, without a copy."""
+    allowed local file is returned in place, resolved, without a copy. ``resolver`` is the
+    name resolution that ``http(s)`` hosts go through (the system's by default); whatever it
+    answers is checked against the destination policy before it is dialled."""
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("", "file"):
         return local_media_path(url, settings)
     if scheme in ("http", "https"):
-        return await _fetch_http(url, settings, dest_dir)
+        return await _fetch_http(url, settings, dest_dir, resolver)
     if scheme == "s3":
         return await _fetch_s3(url, settings, dest_dir)
     raise PermanentError(f"media URL scheme {scheme!r} is not allowed",
@@ -125,18 +139,24 @@ def _target(dest_dir: Path, url_path: str) -> Path:
     return dest_dir / ("media" + (suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""))
 
 
-async def _fetch_http(url: str, settings: Settings, dest_dir: Path) -> Path:
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise PermanentError(f"media URL {url!r} has no host", reason="invalid_media_url")
-    target = _target(dest_dir, parts.path)
+#: Statuses whose ``Location`` mlpipe follows itself, hop by hop, through the same checks.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def _fetch_http(url: str, settings: Settings, dest_dir: Path,
+                      resolver: AbstractResolver | None) -> Path:
+    policy = DestinationPolicy(settings)
+    target = _target(dest_dir, _checked_http_url(url, url, policy).path)
     t = settings.media_timeout_s
     # No total limit: a large file on a slow link may take long; the handler's timeout bounds
     # the whole run, these bound each wait so a stalled server is noticed.
     timeout = aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t, sock_read=t)
+    # trust_env stays off: a proxy would dial on our behalf, past the resolver's check.
+    session = aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(**connector_kwargs(policy, resolver)),
+        trust_env=False)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.get(url) as resp:
+        async with session, await _follow(session, url, settings, policy) as resp:
             _check_http_status(resp, url)
             declared = resp.content_length
             if declared is not None and declared > settings.media_max_bytes:
@@ -151,6 +171,56 @@ async def _fetch_http(url: str, settings: Settings, dest_dir: Path) -> Path:
         raise TransientError(f"fetching {url!r}: {type(exc).__name__}: {exc}",
                              reason="media_unavailable") from exc
     return target
+
+
+async def _follow(session: aiohttp.ClientSession, url: str, settings: Settings,
+                  policy: DestinationPolicy) -> aiohttp.ClientResponse:
+    """GET ``url``, following at most ``media_max_redirects`` redirects. aiohttp's own
+    following would dial each hop unchecked; here each hop's URL passes the same checks as
+    the first (and its connection the resolver's), and a hop may not change to another
+    scheme or downgrade https to http."""
+    current = url
+    for _ in range(settings.media_max_redirects + 1):
+        resp = await session.get(current, allow_redirects=False)
+        location = resp.headers.get("Location")
+        if resp.status not in _REDIRECTS or location is None:
+            return resp
+        resp.release()
+        current = redirect_hop(url, current, location, policy)
+    raise PermanentError(f"media {url!r}: more than {settings.media_max_redirects} redirects",
+                         reason=FORBIDDEN_REASON)
+
+
+def redirect_hop(origin: str, current: str, location: str, policy: DestinationPolicy) -> str:
+    """The URL a redirect from ``current`` to ``location`` leads to, if it may be followed:
+    http(s) only, never from https down to http, its host checked like the first one's."""
+    nxt = urljoin(current, location)
+    if urlsplit(current).scheme.lower() == "https" and urlsplit(nxt).scheme.lower() != "https":
+        raise refused(origin, urlsplit(nxt).hostname or "",
+                      Refusal("redirect_downgrade", nxt[:300]), hint="")
+    _checked_http_url(origin, nxt, policy)
+    return nxt
+
+
+def _checked_http_url(origin: str, url: str, policy: DestinationPolicy) -> SplitResult:
+    """``url`` (the first or a redirect hop of ``origin``) split, if its scheme is http(s)
+    and its host is not refused without a lookup; names are checked again when resolved."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise refused(origin, parts.hostname or "", Refusal("scheme", parts.scheme[:20]),
+                      hint="")
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise PermanentError(f"media URL {url[:300]!r} is malformed: {exc}",
+                             reason="invalid_media_url") from exc
+    if not host:
+        raise PermanentError(f"media URL {url[:300]!r} has no host", reason="invalid_media_url")
+    if parts.username is not None or parts.password is not None:
+        raise refused(origin, host, Refusal("credentials_in_url", host), hint="")
+    policy.check_host(origin, host)
+    return parts
 
 
 def _check_http_status(resp: aiohttp.ClientResponse, url: str) -> None:
@@ -184,6 +254,10 @@ def _parse_s3(url: str) -> tuple[str, str]:
 
 async def _fetch_s3(url: str, settings: Settings, dest_dir: Path) -> Path:
     bucket, key = _parse_s3(url)
+    if bucket not in settings.media_s3_buckets:
+        # Before any client exists: the worker's credentials read only the listed buckets.
+        raise refused(url, bucket, Refusal("s3_bucket_not_listed", bucket),
+                      hint="list the bucket in MLPIPE_MEDIA_S3_BUCKETS if it is yours")
     target = _target(dest_dir, key)
     t = settings.media_timeout_s
     config = AioConfig(connect_timeout=t, read_timeout=t,

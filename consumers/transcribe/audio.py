@@ -22,7 +22,7 @@ from pathlib import Path
 from mlpipe.errors import PermanentError
 
 from .probe import check_duration
-from .tools import run_tool
+from .tools import media_input, run_tool
 
 SAMPLE_RATE = 16_000
 BYTES_PER_SECOND = SAMPLE_RATE * 2  # mono, 16-bit
@@ -71,7 +71,7 @@ async def extract_audio(src: Path, dest: Path, max_audio_s: float) -> PreparedAu
         LOUDNORM, f"aresample={SAMPLE_RATE}",
     ])
     result = await run_tool(
-        "ffmpeg", "-nostdin", "-hide_banner", "-nostats", "-y", "-i", str(src),
+        "ffmpeg", "-nostdin", "-hide_banner", "-nostats", "-y", *media_input(src),
         "-map", "0:a:0", "-vn", "-sn", "-dn", "-t", f"{max_audio_s + 1:.3f}", "-af", filters,
         "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", "-f", "wav", str(dest))
     if result.returncode != 0:

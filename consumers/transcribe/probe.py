@@ -16,7 +16,7 @@ from typing import Any
 
 from mlpipe.errors import PermanentError
 
-from .tools import run_tool
+from .tools import SAFE_INPUT, media_input, run_tool
 
 #: ffprobe only reads headers; this bounds a pathological file, not normal work.
 PROBE_TIMEOUT_S = 60.0
@@ -35,8 +35,12 @@ async def probe_media(path: Path, max_audio_s: float) -> MediaInfo:
     result = await run_tool(
         "ffprobe", "-v", "error", "-print_format", "json",
         "-show_entries", "format=format_name,duration:stream=index,codec_type,codec_name,duration",
-        str(path), timeout_s=PROBE_TIMEOUT_S)
+        *SAFE_INPUT, f"file:{path}", timeout_s=PROBE_TIMEOUT_S)
     if result.returncode != 0:
+        if "not on whitelist" in result.stderr:
+            raise PermanentError(f"media container refused (playlists and other formats that "
+                                 f"open further files or URLs are not read): {result.tail()}",
+                                 reason="forbidden_media_format")
         raise PermanentError(f"not readable as audio or video: {result.tail()}",
                              reason="unsupported_media")
     doc = _json(result.stdout)
@@ -83,7 +87,7 @@ async def _decoded_duration(path: Path, max_audio_s: float) -> float:
     """Decode the audio (no output) to learn its length, stopping just past ``max_audio_s``
     so an endless or huge stream costs at most that much decoding."""
     result = await run_tool(
-        "ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0",
+        "ffmpeg", "-nostdin", "-v", "error", *media_input(path), "-map", "0:a:0",
         "-t", f"{max_audio_s + 1:.3f}", "-f", "null", "-progress", "pipe:1", "-nostats", "-",
         timeout_s=None)
     if result.returncode != 0:

@@ -15,6 +15,28 @@ from mlpipe.errors import PermanentError, TransientError
 
 INSTALL_HINT = "install ffmpeg (apt-get install -y ffmpeg; .ci/run does it)"
 
+#: Containers a shared audio or video file arrives in. The input's demuxer must be one of
+#: these: playlist and indirection formats (HLS, DASH, concat, image sequences, SDP/RTSP,
+#: script formats) open further files or URLs named *inside* the file, so a downloaded
+#: ``.m3u8`` could make ffmpeg read ``/etc/passwd`` or dial an internal host. An allow-list,
+#: not a deny-list: a demuxer added to a future ffmpeg stays refused until listed here.
+MEDIA_DEMUXERS = (
+    "mov", "matroska", "mp3", "wav", "w64", "ogg", "flac", "aac", "avi", "flv", "mpegts",
+    "mpeg", "asf", "amr", "aiff", "caf", "au", "wv", "ape", "ac3", "eac3", "dts", "truehd",
+    "tta", "loas", "3gp",
+)
+
+#: Input options for every ffmpeg and ffprobe run on media from outside: read the named
+#: file through the ``file`` protocol only (nothing that reaches the network, a pipe, or a
+#: subprocess), with one of ``MEDIA_DEMUXERS``.
+SAFE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist", ",".join(MEDIA_DEMUXERS))
+
+
+def media_input(path: object) -> tuple[str, ...]:
+    """``-i`` for ``path`` behind ``SAFE_INPUT``, as an explicit ``file:`` URL so a file name
+    can never be read as another protocol (``concat:``, ``subfile,,``...)."""
+    return (*SAFE_INPUT, "-i", f"file:{path}")
+
 
 @dataclass(frozen=True)
 class ToolResult:

@@ -254,7 +254,8 @@ async def test_s3_media_from_a_local_s3_server(base_settings: dict[str, Any], me
             await s3.put_object(Bucket="media", Key="in/speech #1.wav", Body=clip.read_bytes())
         async with FakeOpenAI() as api:
             settings = Settings(**base_settings, openai_api_key="test",
-                                openai_base_url=api.base_url, s3_endpoint_url=endpoint)
+                                openai_base_url=api.base_url, s3_endpoint_url=endpoint,
+                                media_s3_buckets=["media"])
             async with pipeline(settings, "transcribe") as p:
                 await p.run(transcribe("from-s3", "s3://media/in/speech #1.wav"),
                             transcribe("s3-missing", "s3://media/in/absent.wav"))
