@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 
+from mlpipe.broker.connection import connect_any
 from mlpipe.contract.models import TaskType, build_task
 from mlpipe.dlq import list_dead
 from mlpipe.logs import configure
@@ -336,7 +336,7 @@ async def _cleanup(settings: Settings) -> None:
     """Queues and exchanges of the demo's namespace, its schema (unless DEMO_KEEP=1), and its
     Redis keys."""
     topo = topology_from(settings)
-    conn = await aio_pika.connect(settings.broker_url)
+    conn = await connect_any(settings.broker_url, name="mlpipe-demo-cleanup")
     async with conn:
         channel = await conn.channel()
         queues = [topo.queue_name(q) for q in topo.queues] + [

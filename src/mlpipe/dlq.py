@@ -16,6 +16,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from mlpipe.broker.connection import connect_any
 from mlpipe.producer import Producer
 from mlpipe.settings import Settings
 from mlpipe.worker.settle import (
@@ -135,7 +136,7 @@ async def _walk(settings: Settings, limit: int,
     from mlpipe.producer import topology_from
 
     topo = topology_from(settings)
-    conn = await aio_pika.connect(settings.broker_url, timeout=10)
+    conn = await connect_any(settings.broker_url, name="mlpipe-dlq")
     try:
         channel = await conn.channel()
         queue = await channel.declare_queue(topo.dead_letter_queue, passive=True)

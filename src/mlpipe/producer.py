@@ -77,6 +77,8 @@ class ProducerStatus:
     pending_confirms: int
     confirm_timeouts: int
     last_error: str | None
+    #: ``host:port`` of the broker node the producer is connected to (None while down).
+    host: str | None = None
 
 
 def topology_from(settings: Settings) -> Topology:
@@ -193,6 +195,7 @@ class Producer:
             pending_confirms=self._pending,
             confirm_timeouts=self.confirm_timeouts,
             last_error=self._conn.last_error,
+            host=self._conn.host,
         )
 
     # --- publishing -------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mlpipe.broker.urls import BrokerUrl
+
 #: Short queue names accepted by ``mlpipe consume --queues`` and their default tuning.
 #: Transcription is slow and memory-heavy, so it takes one message at a time; embedding is
 #: cheap per message and benefits from a deep prefetch so micro-batches can fill up.
@@ -93,6 +95,9 @@ class Settings(BaseSettings):
     )
 
     # --- services -------------------------------------------------------------------------
+    #: AMQP URL, vhost in the path. A cluster's nodes go in one URL, comma-separated:
+    #: ``amqp://u:p@rabbit-0:5672,rabbit-1:5672,rabbit-2:5672/vhost``; connections start at a
+    #: random node and fail over to the next (``mlpipe.broker.urls``).
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -270,6 +275,14 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"media_allowed_hosts: {bad} are not host names or '*.suffix'")
         return out
+
+    @field_validator("broker_url", mode="after")
+    @classmethod
+    def _broker_url_parses(cls, value: str) -> str:
+        """A malformed URL (a stray comma in the host list, a port out of range) must fail
+        at start-up, not as a reconnect loop that can never succeed."""
+        BrokerUrl.parse(value)
+        return value
 
     def budget(self, task_type: str) -> Budget:
         return self.budgets.get(task_type, Budget())

@@ -6,6 +6,15 @@ recovery is explicit and in one place: a supervisor task connects with jittered 
 backoff, runs the owner's ``on_connect`` hook (declare topology, open channels, start
 consumers) on every fresh connection, and tears everything down and starts again on any loss.
 Callers see only ``state``, ``wait_connected()`` and the hooks; they never reconnect themselves.
+
+The URL may name several hosts, the nodes of one cluster (``mlpipe.broker.urls``). The first
+connection goes to a node chosen at random, so that a fleet of workers and producers spreads
+over the cluster instead of piling onto the first node listed. Every later attempt starts at
+the host after the last one tried: the node that just died (or refused) is the one not to
+retry first, and each node is tried once before any is tried twice. One *attempt*, for the
+backoff, ``failed_attempts`` and a producer's circuit breaker, is one round over all hosts:
+a dead node costs a refused connect, not a backoff step, and "the broker is unreachable"
+still means every node of it is.
 """
 
 from __future__ import annotations
@@ -23,12 +32,17 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractConnection
 
+from mlpipe.broker.urls import BrokerHost, BrokerUrl
 from mlpipe.errors import MlpipeError, TopologyMismatch
 
 log = structlog.get_logger(__name__)
 
 ConnectHook = Callable[[AbstractConnection], Awaitable[None]]
 DisconnectHook = Callable[[BaseException | None], Awaitable[None] | None]
+
+#: Longest one host may take to accept a connection (TCP, TLS, AMQP handshake) before the
+#: next host is tried.
+CONNECT_TIMEOUT_S = 10.0
 
 
 class State(enum.StrEnum):
@@ -54,7 +68,8 @@ class Backoff:
 class BrokerConnection:
     """Supervises one connection.
 
-    :param url: AMQP URL (the vhost is part of it).
+    :param url: AMQP URL (the vhost is part of it), with one host or several
+        (``amqp://u:p@h1:5672,h2:5672,h3:5672/vhost``); ``ValueError`` if it is malformed.
     :param name: shown in the broker's connection list (``connection_name``).
     :param on_connect: awaited on every fresh connection; if it raises, the connection is
         dropped and retried like any other failure.
@@ -74,7 +89,9 @@ class BrokerConnection:
         backoff: Backoff = Backoff(),
         setup_timeout_s: float = 30.0,
     ) -> None:
-        self._url = url
+        self._hosts = BrokerUrl.parse(url).hosts
+        #: Index of the next host to try: random at first, then the one after the last tried.
+        self._cursor = random.randrange(len(self._hosts))
         self._name = name
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -92,6 +109,8 @@ class BrokerConnection:
         self.reconnects = 0
         self.last_error: str | None = None
         self.connected_since: float | None = None
+        #: ``host:port`` of the node the current connection goes to.
+        self.host: str | None = None
         self._ever_connected = False
         #: An error reconnecting cannot cure (a topology mismatch): raised to waiters.
         self.fatal: MlpipeError | None = None
@@ -173,23 +192,23 @@ class BrokerConnection:
                 continue
 
             await self._lost.wait()
-            error = self.last_error
+            error, lost_host = self.last_error, self.host
             self._connected.clear()
             await self._drop()
             if self._closing:
                 return
             self.state = State.CONNECTING
-            log.warning("amqp.connection_lost", connection=self._name, error=error)
+            log.warning("amqp.connection_lost", connection=self._name, host=lost_host,
+                        error=error)
             await self._notify_disconnect(error)
             # A first retry soon after a loss, then the usual backoff if the broker is away.
             await asyncio.sleep(self._backoff.delay(0))
 
     async def _connect_once(self) -> None:
         self._lost.clear()
-        conn = await aio_pika.connect(
-            self._url, timeout=10, client_properties={"connection_name": self._name}
-        )
+        conn, host = await self._open()
         self._conn = conn
+        self.host = host.address
         conn.close_callbacks.add(self._on_close)
         if self._on_connect is not None:
             await self._run_hook(conn, self._on_connect)
@@ -203,7 +222,15 @@ class BrokerConnection:
         self.connected_since = time.monotonic()
         self.state = State.CONNECTED
         self._connected.set()
-        log.info("amqp.connected", connection=self._name, reconnects=self.reconnects)
+        log.info("amqp.connected", connection=self._name, host=self.host,
+                 reconnects=self.reconnects)
+
+    async def _open(self) -> tuple[AbstractConnection, BrokerHost]:
+        """One round over the hosts from the cursor on; the cursor ends after the host that
+        accepted (or where it started, if none did)."""
+        conn, index = await _open_first(self._hosts, self._cursor, self._name)
+        self._cursor = (index + 1) % len(self._hosts)
+        return conn, self._hosts[index]
 
     async def _run_hook(self, conn: AbstractConnection, hook: ConnectHook) -> None:
         """Run the set-up hook, but never longer than the connection lives or than
@@ -247,6 +274,7 @@ class BrokerConnection:
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         self.connected_since = None
+        self.host = None
         if conn is None:
             return
         with contextlib.suppress(Exception):
@@ -254,3 +282,33 @@ class BrokerConnection:
         if not conn.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), timeout=5)
+
+
+async def connect_any(url: str, *, name: str) -> AbstractConnection:
+    """A plain connection, not supervised, for a short-lived command (``mlpipe dlq``): the
+    first of ``url``'s hosts, tried from a random one on, that accepts."""
+    hosts = BrokerUrl.parse(url).hosts
+    conn, _ = await _open_first(hosts, random.randrange(len(hosts)), name)
+    return conn
+
+
+async def _open_first(hosts: tuple[BrokerHost, ...], start: int,
+                      name: str) -> tuple[AbstractConnection, int]:
+    """Try each host once, from ``start`` on; return the first connection and its index. With
+    one host its own error is raised; with several, one naming every host's."""
+    errors: list[str] = []
+    for step in range(len(hosts)):
+        index = (start + step) % len(hosts)
+        host = hosts[index]
+        try:
+            conn = await aio_pika.connect(host.url, timeout=CONNECT_TIMEOUT_S,
+                                          client_properties={"connection_name": name})
+        except Exception as exc:
+            if len(hosts) == 1:
+                raise
+            errors.append(f"{host.address}: {type(exc).__name__}: {exc}")
+            log.warning("amqp.host_unreachable", connection=name, host=host.address,
+                        error=errors[-1])
+            continue
+        return conn, index
+    raise ConnectionError(f"no broker host reachable ({'; '.join(errors)})")
