@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
+from aio_pika.abc import AbstractConnection
 
+from mlpipe.broker.connection import Backoff, BrokerConnection
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.errors import BufferFull, CircuitOpen, PublishError
 from mlpipe.handlers import HandlerResult, Registry, TaskContext
@@ -148,3 +153,135 @@ async def test_publish_on_a_channel_closed_before_its_callbacks_ran_never_blocks
         assert receipt.attempts == 1
         assert producer._conn.reconnects == 1
         assert ticks >= 3, "the event loop stood still while the publish waited"
+
+
+class FreezingProxy:
+    """A TCP proxy in front of the shared broker. ``freeze()`` makes every connection open at
+    that moment half-open: bytes in either direction are swallowed, nothing is closed, no RST
+    (a node that hangs, or a machine gone without a word). Later connections pass normally;
+    ``cut()`` closes everything, as a node that dies on this machine does."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._server: asyncio.Server | None = None
+        self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, list[bool]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+        self.connections = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        for _, _, frozen in self._links:
+            frozen[0] = True
+
+    def cut(self) -> None:
+        for client, upstream, _ in self._links:
+            client.close()
+            upstream.close()
+        self._links.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        frozen = [False]
+        self._links.append((writer, up_writer, frozen))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst, frozen))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    frozen: list[bool]) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if not frozen[0]:
+                    dst.write(data)
+                    await dst.drain()
+        dst.close()
+
+
+@pytest.fixture
+async def proxied(broker_url: str) -> AsyncIterator[tuple[FreezingProxy, str]]:
+    """A proxy to the shared broker, and this test's broker URL through it."""
+    parts = urlsplit(broker_url)
+    proxy = FreezingProxy(parts.port or 5672)
+    await proxy.start()
+    try:
+        yield proxy, broker_url.replace(f"@{parts.hostname}:{parts.port}",
+                                        f"@127.0.0.1:{proxy.port}", 1)
+    finally:
+        await proxy.close()
+
+
+async def test_a_setup_hook_stuck_on_a_half_open_connection_is_given_up(
+        proxied: tuple[FreezingProxy, str]) -> None:
+    """Regression (b74f110): the set-up hook's declare went out on a connection that then
+    hung (no reply, no close; the heartbeat would notice after a minute or more). The
+    supervisor awaited the hook for as long, and never reconnected. Now the hook may take
+    ``setup_timeout_s``; then the connection is dropped and a fresh one set up."""
+    proxy, url = proxied
+    calls = 0
+
+    async def hook(conn: AbstractConnection) -> None:
+        nonlocal calls
+        calls += 1
+        channel = await conn.channel()
+        if calls == 1:
+            proxy.freeze()
+        await channel.declare_queue("", exclusive=True)
+
+    supervisor = BrokerConnection(url, name="test-setup-timeout", on_connect=hook,
+                                  backoff=Backoff(0.05, 0.2), setup_timeout_s=1.0)
+    try:
+        # dropping the frozen connection waits 5 s for a close that never comes
+        await supervisor.start(wait=True, timeout=20)
+        assert calls == 2
+        assert proxy.connections == 2
+        assert supervisor.is_connected
+    finally:
+        await supervisor.close()
+
+
+async def test_a_setup_hook_stuck_when_the_connection_is_given_up_is_abandoned(
+        proxied: tuple[FreezingProxy, str]) -> None:
+    """The other half of b74f110: the owner gives the connection up while its set-up is stuck
+    (the daemon does when the broker closes a consumer channel it already subscribed). The
+    supervisor acts on the loss at once instead of waiting out the hook or its timeout."""
+    proxy, url = proxied
+    calls = 0
+    stuck = asyncio.Event()
+
+    async def hook(conn: AbstractConnection) -> None:
+        nonlocal calls
+        calls += 1
+        channel = await conn.channel()
+        if calls == 1:
+            proxy.freeze()
+            stuck.set()
+        await channel.declare_queue("", exclusive=True)
+
+    supervisor = BrokerConnection(url, name="test-setup-lost", on_connect=hook,
+                                  backoff=Backoff(0.05, 0.2), setup_timeout_s=120.0)
+    try:
+        await supervisor.start(wait=False)
+        await asyncio.wait_for(stuck.wait(), timeout=10)
+        supervisor.request_reconnect("a channel of this connection was closed")
+        await supervisor.wait_connected(timeout=20)
+        assert calls == 2
+        assert supervisor.is_connected
+    finally:
+        await supervisor.close()
+
