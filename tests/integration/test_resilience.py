@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
+import structlog.testing
 from aio_pika.abc import AbstractConnection
 
 from mlpipe.broker.connection import Backoff, BrokerConnection
@@ -285,3 +286,35 @@ async def test_a_setup_hook_stuck_when_the_connection_is_given_up_is_abandoned(
     finally:
         await supervisor.close()
 
+
+
+async def test_the_supervisor_fails_over_to_the_next_host(vhost: str) -> None:
+    """Three hosts in the URL: one never listens, two are proxies to the broker. The first
+    connection lands on a live one (the dead one costs a refused connect, not a backoff step);
+    when that node dies, the next connection goes to the other, and the log says where."""
+    live = [FreezingProxy(5672), FreezingProxy(5672)]
+    for proxy in live:
+        await proxy.start()
+    hosts = ["127.0.0.1:1", *(f"127.0.0.1:{p.port}" for p in live)]
+    supervisor = BrokerConnection(f"amqp://guest:guest@{','.join(hosts)}/{vhost}",
+                                  name="test-failover", backoff=Backoff(0.05, 0.2))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await supervisor.start(wait=True, timeout=10)
+            first = supervisor.host
+            assert first in hosts[1:]
+            assert supervisor.failed_attempts == 0
+            dying = live[hosts.index(first) - 1]
+            await dying.close()  # connections cut, the port refuses from now on
+            await wait_for(lambda: supervisor.is_connected and supervisor.host != first,
+                           timeout=15, message="reconnected to another host")
+        assert supervisor.host == ({*hosts[1:]} - {first}).pop()
+        assert supervisor.reconnects == 1
+        connected = [e["host"] for e in logs if e["event"] == "amqp.connected"]
+        assert connected == [first, supervisor.host]
+        lost = [e["host"] for e in logs if e["event"] == "amqp.connection_lost"]
+        assert lost == [first]
+    finally:
+        await supervisor.close()
+        for proxy in live:
+            await proxy.close()
