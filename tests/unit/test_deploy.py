@@ -563,9 +563,15 @@ def test_prod_brings_no_secret_and_the_local_queues() -> None:
 def test_migration_job_runs_before_the_workers(overlay: str) -> None:
     docs = render(f"overlays/{overlay}")
     (job,) = of_kind(docs, "Job")
-    (c,) = job["spec"]["template"]["spec"]["containers"]
-    assert c["args"] == ["migrate"]
-    assert c.get("command") in (None, ["mlpipe"])
+    migrate_c, topology_c = job["spec"]["template"]["spec"]["initContainers"]
+    (check_c,) = job["spec"]["template"]["spec"]["containers"]
+    assert migrate_c["args"] == ["migrate"]
+    assert topology_c["args"] == ["topology"]
+    assert check_c["args"] == ["check", "--queues", "transcribe,summarize,embed"]
+    c = migrate_c
+    for step in (migrate_c, topology_c, check_c):
+        assert step.get("command") in (None, ["mlpipe"])
+        assert step["envFrom"] == migrate_c["envFrom"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
     assert "ttlSecondsAfterFinished" in job["spec"], "a finished Job must make way for the next"
     notes = job["metadata"]["annotations"]
