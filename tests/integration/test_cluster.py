@@ -1,0 +1,215 @@
+"""A node of the 3-node RabbitMQ cluster dies under load (SIGKILL): first the node leading the
+work queue, then a follower. Clients hold all three addresses in one broker URL.
+
+What must hold each time: the survivors elect a leader, the daemon and the producers fail over
+to a live node, every confirmed task gets its result stored, and the killed node comes back
+and rejoins the queue's replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+
+from mlpipe.broker.urls import BrokerUrl
+from mlpipe.contract.models import Task, TaskType, build_task
+from mlpipe.effects import Effects
+from mlpipe.errors import PublishError
+from mlpipe.handlers import HandlerResult, Registry, TaskContext
+from mlpipe.producer import Producer
+from mlpipe.settings import RetryPolicy, Settings
+from mlpipe.testing import running_daemon, wait_for
+from mlpipe.worker.daemon import Daemon
+from tests.conftest import REDIS_URL
+from tests.rabbit_cluster import RabbitCluster
+
+VHOST = "cluster-test"
+#: A paced stream: tasks keep flowing through each kill without a backlog that would outlast it.
+PUBLISH_EVERY_S = 0.02
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[RabbitCluster]:
+    c = RabbitCluster()
+    try:
+        await asyncio.to_thread(c.start)
+        await asyncio.to_thread(c.add_vhost, VHOST)
+        yield c
+    finally:
+        await asyncio.to_thread(c.cleanup)
+
+
+@dataclass
+class Stream:
+    """Publishes summarize tasks until stopped; a publish that raises is published again (as
+    a caller must), so each share ends confirmed."""
+
+    producer: Producer
+    confirmed: set[str] = field(default_factory=set)
+    raised: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        for i in itertools.count():
+            if self.stop.is_set():
+                break
+            task = asyncio.create_task(self._publish(f"share-{i}"))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            await asyncio.sleep(PUBLISH_EVERY_S)
+        await asyncio.gather(*pending)
+
+    async def _publish(self, share: str) -> None:
+        task = build_task(TaskType.SUMMARIZE_LLM, share,
+                          {"content": {"text": f"Text of {share}, long enough to summarise."}})
+        while True:
+            try:
+                await self.producer.publish(task)
+            except PublishError as exc:
+                self.raised.append(f"{share}: {exc!r}")
+                continue
+            self.confirmed.add(share)
+            return
+
+
+def _node_of(cluster: RabbitCluster, host: str | None) -> str | None:
+    return None if host is None else cluster.node_at(int(host.rsplit(":", 1)[1]))
+
+
+def _clients(daemon: Daemon, producer: Producer) -> dict[str, str | None]:
+    """Which host each connection is on right now."""
+    return {"daemon consume": daemon._conn.host, "daemon publish": daemon.producer.status().host,
+            "producer": producer.status().host}
+
+
+async def _stored(dsn: str, schema: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(f'SELECT share_id FROM "{schema}".ml_results')
+    finally:
+        await conn.close()
+    return {r["share_id"] for r in rows}
+
+
+async def _lose_node(cluster: RabbitCluster, node: str, queue: str, daemon: Daemon,
+                     producer: Producer, stream: Stream, handled: list[str]) -> list[str]:
+    """SIGKILL ``node`` while the stream flows; return the clients that were on it. Returns
+    once a leader is elected, every client is connected to a live node, tasks published
+    after the kill are handled, and the node is back among the queue's online members."""
+    on_node = [c for c, h in _clients(daemon, producer).items() if _node_of(cluster, h) == node]
+    await asyncio.to_thread(cluster.kill, node)
+    killed_at, confirmed_before = time.monotonic(), set(stream.confirmed)
+    leader = await asyncio.to_thread(cluster.wait_leader_elected, queue, VHOST, not_on=node)
+    assert leader != node
+    elected_s = time.monotonic() - killed_at
+
+    def failed_over() -> bool:
+        where = _clients(daemon, producer).values()
+        return (daemon.status().connected and all(daemon.status().consuming.values())
+                and all(_node_of(cluster, h) not in (None, node) for h in where))
+
+    await wait_for(failed_over, timeout=30, message=f"every connection on a node but {node}")
+    # the flow goes on: tasks confirmed after the kill are handled
+    await wait_for(lambda: len(stream.confirmed - confirmed_before) >= 30, timeout=30,
+                   message="30 publishes confirmed after the kill")
+    after = stream.confirmed - confirmed_before
+    await wait_for(lambda: after <= set(handled), timeout=30,
+                   message="tasks confirmed after the kill handled")
+    print(f"killed {node} (clients on it: {on_node}): leader {leader} after {elected_s:.1f}s, "
+          f"flowing again after {time.monotonic() - killed_at:.1f}s; "
+          f"clients now on {_clients(daemon, producer)}")
+
+    await asyncio.to_thread(cluster.start, node)
+
+    async def rejoined() -> bool:
+        online = await asyncio.to_thread(cluster.online_members_of, queue, VHOST)
+        return online == set(cluster.nodes)
+
+    await wait_for(rejoined, timeout=60, interval=0.5,
+                   message=f"{node} back among {queue}'s online members")
+    return on_node
+
+
+@pytest.mark.timeout(300)
+async def test_losing_the_leader_then_a_follower_loses_no_confirmed_task(
+        cluster: RabbitCluster, pg_dsn: str, pg_schema: str, lock_prefix: str) -> None:
+    url = cluster.url_for(VHOST)
+    assert len(BrokerUrl.parse(url).hosts) == 3
+    settings = Settings(broker_url=url, database_url=pg_dsn, database_schema=pg_schema,
+                        redis_url=REDIS_URL, lock_prefix=lock_prefix,
+                        reconnect_base_s=0.1, reconnect_max_s=1.0, publish_timeout_s=60,
+                        queues={"summarize": {"prefetch": 32, "concurrency": 16}},  # type: ignore[dict-item]
+                        retry=RetryPolicy(max_retries=8, base_delay_s=0.2, max_delay_s=2.0))
+    handled: list[str] = []
+    registry = Registry()
+
+    @registry.handler(TaskType.SUMMARIZE_LLM)
+    async def summarize(task: Task, ctx: TaskContext) -> HandlerResult:
+        handled.append(task.share_id)
+        return HandlerResult({"summary": task.share_id})
+
+    async with Effects(settings) as effects, \
+            running_daemon(settings, registry, "summarize", executor=effects.executor) as daemon, \
+            Producer(settings, name="test-cluster-producer") as producer:
+        queue = daemon.topology.queue_name("summarize")
+        # every quorum queue has a replica on each node (default initial group size)
+        for name in (queue, daemon.topology.dead_letter_queue):
+            members = await asyncio.to_thread(cluster.members_of, name, VHOST)
+            assert members == set(cluster.nodes), name
+        stream = Stream(producer)
+        flowing = asyncio.create_task(stream.run())
+        try:
+            await wait_for(lambda: len(handled) >= 50, timeout=30, message="50 handled")
+            leader = await asyncio.to_thread(cluster.leader_of, queue, VHOST)
+            moved = await _lose_node(cluster, leader, queue, daemon, producer, stream, handled)
+
+            leader = await asyncio.to_thread(cluster.leader_of, queue, VHOST)
+            followers = [n for n in cluster.nodes if n != leader]
+            # the follower that most of our connections use, so that they fail over too
+            where = [_node_of(cluster, h) for h in _clients(daemon, producer).values()]
+            follower = max(followers, key=where.count)
+            moved += await _lose_node(cluster, follower, queue, daemon, producer, stream,
+                                      handled)
+        finally:
+            stream.stop.set()
+            await flowing
+        assert moved, "no client connection was on a killed node: fail-over not exercised"
+        await wait_for(lambda: stream.confirmed <= set(handled), timeout=60,
+                       message="every confirmed task handled")
+
+        async def all_stored() -> bool:
+            return stream.confirmed <= await _stored(pg_dsn, pg_schema)
+
+        await wait_for(all_stored, timeout=30, message="a result stored for each confirmed task")
+        names = [queue, daemon.topology.dead_letter_queue]
+
+        async def drained() -> bool:
+            return set((await _depths(cluster, names)).values()) == {0}
+
+        # nothing left over, and no genuine task dead-lettered
+        await wait_for(drained, timeout=30, interval=0.5, message="work queue and DLQ empty")
+    print(f"{len(stream.confirmed)} confirmed, {len(handled)} handler runs, "
+          f"{len(stream.raised)} publishes raised and re-published; connections moved: {moved}")
+    await asyncio.to_thread(cluster.wait_healthy)
+
+
+async def _depths(cluster: RabbitCluster, names: list[str]) -> dict[str, int]:
+    from mlpipe.broker.connection import connect_any
+
+    conn = await connect_any(cluster.url_for(VHOST), name="test-cluster-depths")
+    try:
+        channel = await conn.channel()
+        out = {}
+        for name in names:
+            q = await channel.declare_queue(name, passive=True)
+            out[name] = q.declaration_result.message_count or 0
+        return out
+    finally:
+        await conn.close()
