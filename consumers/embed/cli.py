@@ -6,7 +6,8 @@
     mlpipe search "launch news" --since 2024-05-01 --until 2024-05-08   # embedded that week
 
 The query is embedded with the model the stored vectors were made with: the API model when
-``MLPIPE_OPENAI_API_KEY`` is set, else the local one (``--backend``/``--model`` override).
+``MLPIPE_OPENAI_API_KEY`` or ``MLPIPE_OPENAI_BASE_URL`` is set, else the local one
+(``--backend``/``--model`` override).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from consumers._api import backend_for, token_cost
+from consumers._api import PriceList, backend_for, prices
 from mlpipe.contract.models import (
     Backend,
     EmbeddingType,
@@ -63,6 +63,11 @@ class EmbedHandler:
     settings: Settings
     large_api_model: str | None = None
 
+    @property
+    def prices(self) -> PriceList:
+        """The API's prices: OpenAI's, or only configured ones for a self-hosted server."""
+        return prices(self.settings)
+
     def plan(self, task: EmbedTask) -> _Plan:
         """Backend, model and chunks of a task; the same for the estimate and the run."""
         backend = backend_for(task, self.settings)
@@ -91,7 +96,7 @@ class EmbedHandler:
             return Decimal(0)
         if plan.backend is Backend.LOCAL:
             return Decimal(0)
-        return token_cost(plan.model, sum(c.tokens for c in plan.chunking.chunks))
+        return self.prices.token_cost(plan.model, sum(c.tokens for c in plan.chunking.chunks))
 
     async def handle(self, task: EmbedTask, ctx: TaskContext) -> HandlerResult:
         plan = self.plan(task)
@@ -115,7 +120,8 @@ class EmbedHandler:
             tokens = embedded.tokens
             if tokens is None:
                 tokens = sum(c.tokens for c in chunks)
-            costs = (Cost(tokens, "tokens", token_cost(plan.model, tokens), plan.model),)
+            costs = (Cost(tokens, "tokens", self.prices.token_cost(plan.model, tokens),
+                          plan.model),)
         ctx.log.info("embed.stored", chunks=len(chunks), model=plan.model, dims=dims,
                      strategy=plan.chunking.strategy.value, backend=plan.backend.value)
         return HandlerResult(

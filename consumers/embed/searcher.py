@@ -7,9 +7,9 @@ stored vectors' model, wired up the way ``mlpipe search`` does it.
         related = await searcher.similar("share-123")
 
 ``mlpipe.search.search`` / ``similar_to_share`` are the lower layer (any pool, any embedder);
-this picks the backend like the handler does: the API model when ``MLPIPE_OPENAI_API_KEY`` is
-set, else the local MiniLM (``backend=``/``model=`` override), so queries are embedded with the
-model the vectors were stored with.
+this picks the backend like the handler does: the API model when ``MLPIPE_OPENAI_API_KEY`` or
+``MLPIPE_OPENAI_BASE_URL`` is set, else the local MiniLM (``backend=``/``model=`` override), so
+queries are embedded with the model the vectors were stored with.
 """
 
 from __future__ import annotations
@@ -95,10 +95,15 @@ class Searcher:
 
 
 def query_backend(settings: Settings, wanted: str | None = None) -> EmbedBackend:
-    """The backend that embeds queries: ``wanted``, else the API when a key is configured,
-    else the local model (as ``consumers._api.backend_for`` decides for tasks)."""
+    """The backend that embeds queries: ``wanted``, else the API when one is configured (a
+    key, or a self-hosted server's base URL), else the local model (as
+    ``consumers._api.backend_for`` decides for tasks)."""
+    from consumers._api import api_available
+    from mlpipe.contract.models import TaskType
+
     from .api import ApiEmbedder
     from .local import LocalEmbedder
 
-    use_api = wanted == "api" or (wanted is None and settings.openai_api_key is not None)
+    use_api = wanted == "api" or (wanted is None
+                                  and api_available(settings, TaskType.EMBED_VECTORS))
     return ApiEmbedder(settings) if use_api else LocalEmbedder(settings.embedding_model_dir)

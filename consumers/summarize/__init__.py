@@ -1,8 +1,10 @@
 """Summaries of articles and of videos (transcript + caption + hashtags).
 
-Two backends: an OpenAI-compatible chat model (``MLPIPE_OPENAI_API_KEY`` set; paid, budgeted)
-and an offline extractive summariser (no key, no model files). Content is refused before any
-spend when it is binary or too short, and cut at sentence boundaries to the model's context.
+Two backends: an OpenAI-compatible chat model (``MLPIPE_OPENAI_API_KEY`` set: paid, budgeted;
+or a self-hosted server at ``MLPIPE_OPENAI_BASE_URL`` with no key: free unless priced in
+``MLPIPE_OPENAI_PRICES``) and an offline extractive summariser (no key, no model files).
+Content is refused before any spend when it is binary or too short, and cut at sentence
+boundaries to the model's context.
 
     from consumers import summarize
     summarize.register(registry, settings)

@@ -13,7 +13,7 @@ import openai
 import structlog
 from openai.types.chat import ChatCompletionMessageParam
 
-from consumers._api import api_errors, token_cost
+from consumers._api import OPENAI_PRICES, PriceList, api_errors
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.handlers import Cost
 
@@ -35,28 +35,33 @@ class Plan:
     #: Our tiktoken count of the prompt; the estimate, not what is billed.
     prompt_tokens: int
     truncated: bool
+    #: The server's prices (``consumers._api.prices``): zero for a self-hosted one.
+    prices: PriceList = OPENAI_PRICES
 
     def estimated_cost(self) -> Decimal:
         """Prompt at its counted size, answer at its ceiling: the most this call can cost."""
-        return token_cost(self.model, self.prompt_tokens, self.max_tokens)
+        return self.prices.token_cost(self.model, self.prompt_tokens, self.max_tokens)
 
 
-def plan(source: Source, model: str, max_tokens: int, tokenizer: Tokenizer) -> Plan:
+def plan(source: Source, model: str, max_tokens: int, tokenizer: Tokenizer,
+         prices: PriceList = OPENAI_PRICES) -> Plan:
     """Fit the source into ``context - max_tokens - instructions`` and build the messages."""
     budget = _text_budget(source, model, max_tokens, tokenizer)
     fitted = fit(source, budget, tokenizer)
     msgs = messages(fitted.source, max_tokens)
-    return Plan(model, max_tokens, msgs, prompt_tokens(msgs, tokenizer), fitted.truncated)
+    return Plan(model, max_tokens, msgs, prompt_tokens(msgs, tokenizer), fitted.truncated,
+                prices)
 
 
-def estimate(source: Source, model: str, max_tokens: int, tokenizer: Tokenizer) -> Decimal:
+def estimate(source: Source, model: str, max_tokens: int, tokenizer: Tokenizer,
+             prices: PriceList = OPENAI_PRICES) -> Decimal:
     """What ``plan(...).estimated_cost()`` would say, or a hair more for inputs that need
     cutting: the prompt is counted whole and capped at what the context admits, one tokenizer
     pass and no sentence search, because the estimator runs on the event loop."""
     _text_budget(source, model, max_tokens, tokenizer)
     whole = prompt_tokens(messages(source, max_tokens), tokenizer)
     prompt = min(whole, context_window(model) - max_tokens)
-    return token_cost(model, prompt, max_tokens)
+    return prices.token_cost(model, prompt, max_tokens)
 
 
 def _text_budget(source: Source, model: str, max_tokens: int, tokenizer: Tokenizer) -> int:
@@ -91,7 +96,8 @@ async def summarize(client: openai.AsyncOpenAI, request: Plan, tokenizer: Tokeni
         log.warning("summarize.no_usage_reported", model=request.model)
         prompt, completion = request.prompt_tokens, tokenizer.count(text)
     cost = Cost(units=prompt + completion, unit_kind="tokens",
-                usd=token_cost(request.model, prompt, completion), model=request.model)
+                usd=request.prices.token_cost(request.model, prompt, completion),
+                model=request.model)
     return Summary(summary=text, model=request.model, backend="api", input_tokens=prompt,
                    output_tokens=completion, truncated=request.truncated,
                    model_version=response.model or request.model, cost=cost)

@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from consumers._api import backend_for, make_client
+from consumers._api import api_available, backend_for, make_client, prices
 from mlpipe.contract.models import (
     Backend,
     SummarizeOptions,
@@ -72,6 +72,8 @@ def api_model(settings: Settings, options: SummarizeOptions) -> str:
 
 
 def _handler(settings: Settings, to_source: ToSource) -> Handler:
+    price_list = prices(settings)
+
     async def handle(task: SummaryTask, ctx: TaskContext) -> HandlerResult:
         source = to_source(task.payload)
         options = task.payload.options
@@ -82,7 +84,8 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
         else:
             model = api_model(settings, options)
             tokenizer = await tokenizers.for_model_async(model)
-            request = await asyncio.to_thread(api.plan, source, model, max_tokens, tokenizer)
+            request = await asyncio.to_thread(api.plan, source, model, max_tokens, tokenizer,
+                                              price_list)
             summary = await api.summarize(ctx.resources[CLIENT], request, tokenizer, ctx.log)
         ctx.log.info("summarize.done", backend=summary.backend, model=summary.model,
                      input_tokens=summary.input_tokens, output_tokens=summary.output_tokens,
@@ -95,8 +98,10 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
 def _estimator(settings: Settings, tokenizers: Tokenizers,
                to_source: ToSource) -> Callable[[Task], Decimal]:
     """Runs on the event loop (the budget pre-flight is synchronous): the tokenizer is loaded
-    at daemon start when an API key is configured, and ``api.estimate`` makes one tokenizer
+    at daemon start when an API is configured, and ``api.estimate`` makes one tokenizer
     pass, about a tenth of a second even for a 2-million-character text."""
+    price_list = prices(settings)
+
     def estimate(task: Task) -> Decimal:
         if backend_for(task, settings) is Backend.LOCAL:
             return Decimal(0)
@@ -105,16 +110,17 @@ def _estimator(settings: Settings, tokenizers: Tokenizers,
         options = task.payload.options
         model = api_model(settings, options)
         return api.estimate(source, model, options.max_length or DEFAULT_MAX_LENGTH,
-                            tokenizers.for_model(model))
+                            tokenizers.for_model(model), price_list)
 
     return estimate
 
 
 @asynccontextmanager
 async def _tokenizers(tokenizers: Tokenizers, settings: Settings) -> AsyncIterator[Tokenizers]:
-    """With an API key the synchronous cost estimator will need the vocabulary: load it now,
-    in a thread, rather than stall the event loop on the first paid task."""
-    if settings.openai_api_key is not None:
+    """With an API configured (a key, or a self-hosted server's base URL) the synchronous
+    cost estimator will need the vocabulary: load it now, in a thread, rather than stall the
+    event loop on the first task."""
+    if api_available(settings, TaskType.SUMMARIZE_LLM):
         await tokenizers.for_model_async(settings.summarize_api_model)
     yield tokenizers
 

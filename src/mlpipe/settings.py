@@ -9,7 +9,8 @@ silently ignored.
 from __future__ import annotations
 
 import os
-from typing import Any
+from decimal import Decimal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -164,6 +165,11 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     #: Base URL of the OpenAI-compatible API (OpenAI, Ollama, vLLM, LocalAI, a whisper server).
     openai_base_url: str | None = None
+    #: USD per 1M tokens, ``[input, output]``, by model name, over the built-in OpenAI list,
+    #: e.g. ``{"llama3.1:8b": [0.05, 0.10]}``. A server at ``openai_base_url`` with no key is
+    #: self-hosted: it bills nothing unless its model is listed here.
+    openai_prices: dict[str, tuple[Annotated[Decimal, Field(ge=0)],
+                                   Annotated[Decimal, Field(ge=0)]]] = Field(default_factory=dict)
     api_timeout_s: float = Field(default=120.0, gt=0)
     transcribe_api_model: str = "whisper-1"
     summarize_api_model: str = "gpt-4o-mini"
