@@ -319,6 +319,12 @@ async def cmd_contract_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_contract_asyncapi(args: argparse.Namespace) -> int:
+    from mlpipe.contract.asyncapi import write
+
+    return write(Path(args.path), check=args.check)
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     from mlpipe.api.cli import cmd_serve as serve
 
@@ -415,6 +421,11 @@ def _parser() -> argparse.ArgumentParser:
     cop = add("openapi", cmd_contract_openapi, "write the read API's OpenAPI document", csub)
     cop.add_argument("path", nargs="?", default="contracts/openapi.json")
     cop.add_argument("--check", action="store_true",
+                     help="exit 1 if the file differs from the generated document")
+    cap = add("asyncapi", cmd_contract_asyncapi,
+              "write the AsyncAPI 3.0 document of the broker topology", csub)
+    cap.add_argument("path", nargs="?", default="contracts/asyncapi.json")
+    cap.add_argument("--check", action="store_true",
                      help="exit 1 if the file differs from the generated document")
     return p
 
