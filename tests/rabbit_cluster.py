@@ -11,7 +11,7 @@ Usage (blocking calls: from async code wrap them in ``asyncio.to_thread``)::
     from tests.rabbit_cluster import RabbitCluster
 
     cluster = RabbitCluster()            # picks free ports, nothing started yet
-    cluster.start()                      # boots the three in parallel, joins 2 and 3 to 1
+    cluster.start()                      # boots the three at once; 2 and 3 join 1 as they boot
     try:
         cluster.add_vhost("chaos")       # vhosts and permissions are cluster-wide
         settings = Settings(broker_url=cluster.url_for("chaos"))   # all three hosts
@@ -35,10 +35,13 @@ Quorum queues declared after ``start()`` have a member on each of the three node
 no ``x-quorum-initial-group-size``, and the broker's default is every cluster member. Declare
 after the cluster is whole, not while a node is down (a queue declared then gets two members).
 
-Costs, measured on a loaded 2-core machine: ``start()`` 20-40 s (three boots in parallel, then
-two joins, each a stop/reset/join/start of the app, not a reboot), ``start(node)`` 8-15 s.
-Each node runs its Erlang VM with two schedulers so that three nodes plus the tests fit on
-two cores.
+Costs, measured on a loaded 2-core machine: ``start()`` 15-20 s (three boots at once: the
+second and third find the first through classic-config peer discovery and join it at their
+first boot, so no stop/reset/join/start round follows), ``start(node)`` 7-12 s, ``kill`` well
+under a second; each ``rabbitmqctl`` query (``leader_of``, ``members_of``) costs about one
+second of CLI start-up, so poll them at half-second intervals or slower. The Erlang VMs run
+at most two schedulers each, none busy-waiting, so that three nodes and the tests share two
+cores.
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tests.services import free_port
 
+T = TypeVar("T")
+
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-#: Fewer schedulers and no busy-waiting: three brokers on two shared cores.
+#: At most two schedulers each, none busy-waiting: three brokers on two shared cores.
 ERL_ARGS = "+S 2:2 +sbwt none +sbwtdcpu none +sbwtdio none"
 
 
@@ -109,17 +115,29 @@ class RabbitCluster:
         self.root.chmod(0o755)  # the nodes and rabbitmqctl run as the rabbitmq user
         tag = self.root.name.rsplit("-", 1)[-1].lower()
         self._nodes: list[_Node] = []
+        seed = f"mlpipe-cl-{tag}-1@localhost"
         for i in range(1, size + 1):
             amqp, dist = free_port(), free_port()
             node = _Node(f"mlpipe-cl-{tag}-{i}@localhost", amqp, dist, self.root / f"n{i}")
             node.dir.mkdir()
-            (node.dir / "rabbitmq.conf").write_text(
+            conf = (
                 f"listeners.tcp.local = 127.0.0.1:{amqp}\n"
                 "loopback_users = none\n"
                 # what the Cluster Operator of deploy/ runs: a node cut off from the
                 # majority pauses instead of serving stale state
                 "cluster_partition_handling = pause_minority\n"
             )
+            if i > 1:
+                # The others join the first at their first boot (peer discovery), waiting
+                # for it as long as a boot may take: all boot at once, and no node needs
+                # the stop/reset/join/start round of rabbitmqctl calls afterwards.
+                conf += (
+                    "cluster_formation.peer_discovery_backend = classic_config\n"
+                    f"cluster_formation.classic_config.nodes.1 = {seed}\n"
+                    "cluster_formation.discovery_retry_interval = 500\n"
+                    f"cluster_formation.discovery_retry_limit = {int(timeout_s * 2)}\n"
+                )
+            (node.dir / "rabbitmq.conf").write_text(conf)
             (node.dir / "enabled_plugins").write_text("[].\n")
             self._nodes.append(node)
         self._by_name = {n.name: n for n in self._nodes}
@@ -158,21 +176,13 @@ class RabbitCluster:
     # --- life cycle -------------------------------------------------------------------------
 
     def start(self, node: str | None = None) -> None:
-        """Without ``node``: boot every node in parallel and join the others to the first.
-        With ``node``: boot that (killed or stopped) node again; it rejoins the cluster from
-        its own data folder. Returns once the cluster is whole again."""
+        """Without ``node``: boot every node in parallel; the others join the first as they
+        boot. With ``node``: boot that (killed or stopped) node again; it rejoins the cluster
+        from its own data folder. Returns once the cluster is whole again."""
         if node is not None:
             self._boot(self._node(node))
-            self.wait_healthy()
-            return
-        _parallel([functools.partial(self._boot, n) for n in self._nodes])
-        seed = self._nodes[0]
-        for n in self._nodes[1:]:
-            # joins one at a time: two concurrent schema changes on the seed can conflict
-            self._ctl(n, "stop_app")
-            self._ctl(n, "reset")
-            self._ctl(n, "join_cluster", seed.name)
-            self._ctl(n, "start_app")
+        else:
+            _parallel([functools.partial(self._boot, n) for n in self._nodes])
         self.wait_healthy()
 
     def _boot(self, node: _Node) -> None:
@@ -240,9 +250,10 @@ class RabbitCluster:
 
         def whole() -> bool:
             try:
-                return all(self.running_nodes(n) == want for n in self.nodes)
+                seen = _parallel([functools.partial(self.running_nodes, n) for n in self.nodes])
             except (ClusterError, subprocess.SubprocessError, ValueError):
                 return False
+            return all(s == want for s in seen)
 
         _until(whole, timeout or self.timeout_s, f"cluster {sorted(want)} to be whole")
 
@@ -348,8 +359,10 @@ def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def _parallel(calls: Sequence[Callable[[], None]]) -> None:
-    """Run blocking calls on threads; the first error is raised once all have ended."""
+def _parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run blocking calls on threads and return their results; the first error is raised
+    once all have ended."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        for future in [pool.submit(c) for c in calls]:
-            future.result()
+        futures = [pool.submit(c) for c in calls]
+        concurrent.futures.wait(futures)
+        return [f.result() for f in futures]
