@@ -5,6 +5,10 @@ The transcription handler sends every media URL that is not a chaos placeholder
 (``s3://chaos/...``) through mlpipe's real media guard; hostile URLs (``file://``, traversal,
 other schemes) must be refused there, before any I/O. A fetch that got through would be
 recorded as a ``media_fetch`` effect, which the verdict requires to be zero.
+
+Each row carries the moment the handler started (``started``, this process's clock) and the
+moment of the effect (``at``): the verdict excuses a re-run only with evidence that predates
+the later run's start (``verdict.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,7 +34,7 @@ EFFECTS_DDL = """
 CREATE TABLE IF NOT EXISTS chaos_effects (
     id bigserial PRIMARY KEY, share_id text NOT NULL, task_type text NOT NULL,
     kind text NOT NULL, pid integer NOT NULL, attempt integer NOT NULL,
-    message_id text, at timestamptz NOT NULL DEFAULT now())
+    message_id text, started timestamptz NOT NULL, at timestamptz NOT NULL DEFAULT now())
 """
 
 
@@ -49,23 +54,24 @@ def build_registry(settings: Settings) -> Registry:
 
     registry.add_resource("chaos.db", effects_pool)
 
-    async def record(ctx: TaskContext, task: Task, kind: str) -> None:
+    async def record(ctx: TaskContext, task: Task, kind: str, started: float) -> None:
         try:
             await ctx.resources["chaos.db"].execute(
-                "INSERT INTO chaos_effects (share_id, task_type, kind, pid, attempt, message_id) "
-                "VALUES ($1, $2, $3, $4, $5, $6)", task.share_id, task.task_type.value, kind,
-                os.getpid(), ctx.attempt, ctx.message_id)
+                "INSERT INTO chaos_effects (share_id, task_type, kind, pid, attempt, message_id, "
+                "started) VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7))", task.share_id,
+                task.task_type.value, kind, os.getpid(), ctx.attempt, ctx.message_id, started)
         except UNAVAILABLE as exc:
             raise TransientError(f"effect not recorded: {exc}") from exc
 
     async def handle(task: Task, ctx: TaskContext) -> HandlerResult:
+        started = time.time()
         if isinstance(task, TranscribeTask) and not task.payload.media_url.startswith(
                 "s3://chaos/"):
             with tempfile.TemporaryDirectory() as tmp:
                 await fetch_media(task.payload.media_url, settings, Path(tmp))
-                await record(ctx, task, "media_fetch")
+                await record(ctx, task, "media_fetch", started)
         await asyncio.sleep(0.002)  # the "work"
-        await record(ctx, task, "effect")
+        await record(ctx, task, "effect", started)
         return HandlerResult({"pid": os.getpid(), "attempt": ctx.attempt})
 
     for tt in TaskType:

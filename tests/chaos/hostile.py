@@ -1,13 +1,16 @@
 """Malformed and adversarial messages, generated deterministically from a seed.
 
 Every one must end in the dead-letter queue with a reason; none may crash a daemon or make
-it fetch anything.
+it fetch anything. The ``network`` category (one message in six when media URLs are given:
+``tests/chaos/canary.py``) aims transcriptions at the canary server and its neighbours, every
+URL at least once when there are enough messages.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,8 @@ class Hostile:
     body: bytes
     content_type: str | None
     kind: str
+    #: For the ``network`` kind: what the media URL stands for (``canary.Target.label``).
+    target: str = ""
 
 
 def _valid(rng: random.Random, task_type: str) -> dict[str, Any]:
@@ -39,12 +44,26 @@ def _valid(rng: random.Random, task_type: str) -> dict[str, Any]:
             "payload": payload, "metadata": {"correlationId": "c", "timestamp": 1}}
 
 
-def generate(count: int, seed: int = 7) -> list[Hostile]:
+#: Every this-many-th message is a ``network`` one when media URLs are given.
+NETWORK_EVERY = 6
+
+
+def generate(count: int, seed: int = 7,
+             network: Sequence[tuple[str, str]] = ()) -> list[Hostile]:
+    """``count`` messages; ``network`` is (label, media URL) pairs for the network
+    category, used in turn."""
     rng = random.Random(seed)
     makers = [_junk, _not_object, _wrong_types, _bad_version, _bad_task_type, _traversal,
               _pickle, _missing_fields, _huge, _injection]
     out = []
     for i in range(count):
+        if network and i % NETWORK_EVERY == NETWORK_EVERY - 1:
+            label, url = network[(i // NETWORK_EVERY) % len(network)]
+            doc = _valid(rng, "transcribe_whisper")
+            doc["payload"]["mediaUrl"] = url
+            out.append(Hostile(f"hostile-{i}", "transcribe_whisper", json.dumps(doc).encode(),
+                               "application/json", "network", label))
+            continue
         maker = makers[i % len(makers)]
         route = ROUTES[rng.randrange(len(ROUTES))]
         kind, body, ctype = maker(rng, route)
