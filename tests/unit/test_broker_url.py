@@ -1,13 +1,17 @@
-"""Broker URLs with several hosts (the nodes of one cluster): parsing, and the settings
-validation that turns a malformed one into a start-up error."""
+"""Broker URLs with several hosts (the nodes of one cluster): parsing, the settings
+validation that turns a malformed one into a start-up error, and the order in which the
+connection supervisor tries the hosts (against ports where nothing listens)."""
 
 from __future__ import annotations
 
 import pydantic
 import pytest
+import structlog.testing
 
+from mlpipe.broker.connection import Backoff, BrokerConnection
 from mlpipe.broker.urls import BrokerUrl
 from mlpipe.settings import Settings
+from mlpipe.testing import wait_for
 
 CLUSTER = "amqp://guest:s3cret@10.0.0.1:5672,10.0.0.2:5673,rabbit-3/prod?heartbeat=30"
 
@@ -68,3 +72,33 @@ def test_settings_accept_a_cluster_url_and_refuse_a_bad_one(
     monkeypatch.setenv("MLPIPE_BROKER_URL", "amqp://g:g@n1:5672,,n3:5672/")
     with pytest.raises(pydantic.ValidationError, match="host 2 of 3 is empty"):
         Settings()
+
+
+async def test_the_supervisor_tries_each_host_in_turn_and_counts_rounds() -> None:
+    """Nothing listens on these ports: every connect is refused at once. One attempt (for the
+    backoff, ``failed_attempts`` and the producer's circuit breaker) is a round over all
+    hosts; each round starts after the host tried last, so every host gets its turn."""
+    hosts = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    supervisor = BrokerConnection(f"amqp://g:g@{','.join(hosts)}/", name="test-rounds",
+                                  backoff=Backoff(0.01, 0.02))
+    with structlog.testing.capture_logs() as logs:
+        await supervisor.start(wait=False)
+        try:
+            await wait_for(lambda: supervisor.failed_attempts >= 2, timeout=10,
+                           message="two failed rounds")
+        finally:
+            await supervisor.close()
+    tried = [e["host"] for e in logs if e["event"] == "amqp.host_unreachable"][:6]
+    start = hosts.index(tried[0])
+    assert tried == [hosts[(start + i) % 3] for i in range(6)]
+    rounds = [e for e in logs if e["event"] == "amqp.connect_failed"]
+    assert [e["attempt"] for e in rounds[:2]] == [1, 2]
+    assert all(h in rounds[0]["error"] for h in hosts)
+    assert supervisor.host is None
+
+
+def test_connections_start_on_a_random_host() -> None:
+    """A fleet started at once spreads over the cluster instead of all dialling node 1."""
+    url = "amqp://g:g@n1,n2,n3/"
+    firsts = {BrokerConnection(url, name="t")._cursor for _ in range(60)}
+    assert firsts == {0, 1, 2}
