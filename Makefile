@@ -53,13 +53,14 @@ topology: ## declare exchanges and queues
 demo: services ## the whole pipeline offline: spoken clip + texts -> transcript, summaries, search
 	$(PY) scripts/demo.py
 
-bench: services .venv/.bench-installed ## every workload against its baselines, same run (<10 min)
+bench: services .venv/.bench-installed ## every workload against its baselines, same run, + chart (<12 min)
 	$(PY) -m bench.run
 
-bench-quick: services .venv/.bench-installed ## the same with smaller counts (<2 min)
+bench-quick: services .venv/.bench-installed ## the same with smaller counts, one round (<3 min)
 	$(PY) -m bench.run --quick
 
-# the baselines (FastStream, Celery) are a bench-only extra, never runtime dependencies
+# the baselines (FastStream, Celery + celery-singleton + psycopg) and matplotlib are a
+# bench-only extra, never runtime dependencies
 .venv/.bench-installed: pyproject.toml .venv/.installed
 	$(PIP) install -q -e '.[dev,bench]'
 	touch $@

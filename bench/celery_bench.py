@@ -34,11 +34,12 @@ PREFETCH_MULTIPLIER = 8
 _EMBED = b',{},{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
 
 
-def celery_message(i: int) -> aio_pika.Message:
-    """Task ``bench.noop(<contract document i>)`` in Celery's message protocol 2."""
+def celery_message(i: int, task: str = TASK_NAME) -> aio_pika.Message:
+    """Task ``bench.noop(<contract document i>)`` (or ``task``) in Celery's message
+    protocol 2."""
     tid = str(uuid.uuid4())
     headers: dict[str, object] = {
-        "lang": "py", "task": TASK_NAME, "id": tid, "shadow": None, "eta": None,
+        "lang": "py", "task": task, "id": tid, "shadow": None, "eta": None,
         "expires": None, "group": None, "group_index": None, "retries": 0,
         "timelimit": [None, None], "root_id": tid, "parent_id": None,
         "argsrepr": f"({messages.share_id(i)!r},)", "kwargsrepr": "{}", "origin": "bench",
@@ -69,23 +70,7 @@ def read_records(folder: Path) -> list[tuple[int, float, float]]:
 async def celery_noop(url: str, n: int) -> Run:
     await broker.declare_queue(url, QUEUE, arguments={"x-queue-type": "quorum"})
     await broker.prefill(url, QUEUE, n, make=celery_message)
-    with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
-        stats, log_path = _workdir(Path(tmp))
-        env = {**os.environ, "BENCH_CELERY_BROKER": url, "BENCH_CELERY_QUEUE": QUEUE,
-               "BENCH_CELERY_STATS": str(stats),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        with _log_file(log_path) as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
-                "-P", "prefork", "-c", str(CONCURRENCY),
-                "--prefetch-multiplier", str(PREFETCH_MULTIPLIER),
-                "-Q", QUEUE, "-l", "WARNING", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
-                cwd=str(ROOT), env=env, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True)
-            try:
-                run = await _wait_drained(proc, stats, n, log_path)
-            finally:
-                await _stop(proc)
+    run = await run_worker(url, QUEUE, n)
     left = await broker.queue_depth(url, QUEUE)
     if left:
         raise RuntimeError(f"{QUEUE}: {left} messages left after the Celery run")
@@ -93,9 +78,33 @@ async def celery_noop(url: str, n: int) -> Run:
     return run
 
 
+async def run_worker(url: str, queue: str, n: int, *, env: dict[str, str] | None = None,
+                     args: tuple[str, ...] = (), slowest_rate: float = 100.0) -> Run:
+    """Start ``celery worker`` on ``queue`` (prefork, concurrency 2, prefetch multiplier 8,
+    plus ``args``), time the drain of ``n`` tasks from the pool processes' records, stop it."""
+    with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
+        stats, log_path = _workdir(Path(tmp))
+        full_env = {**os.environ, "BENCH_CELERY_BROKER": url, "BENCH_CELERY_QUEUE": queue,
+                    "BENCH_CELERY_STATS": str(stats),
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                    **(env or {})}
+        with _log_file(log_path) as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
+                "-P", "prefork", "-c", str(CONCURRENCY),
+                "--prefetch-multiplier", str(PREFETCH_MULTIPLIER), *args,
+                "-Q", queue, "-l", "WARNING", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
+                cwd=str(ROOT), env=full_env, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True)
+            try:
+                return await _wait_drained(proc, stats, n, log_path, slowest_rate)
+            finally:
+                await _stop(proc)
+
+
 async def _wait_drained(proc: asyncio.subprocess.Process, stats: Path, n: int,
-                        log_path: Path) -> Run:
-    deadline = time.monotonic() + deadline_for(n, slowest_rate=100.0)
+                        log_path: Path, slowest_rate: float) -> Run:
+    deadline = time.monotonic() + deadline_for(n, slowest_rate=slowest_rate)
     while True:
         records = read_records(stats)
         done = sum(r[0] for r in records)

@@ -15,6 +15,13 @@ whole process, daemon and publisher; ``backend_ms_per_text``: time inside model 
 On a CPU the forward pass is compute-bound (its cost grows with the tokens, not the calls), so
 that ceiling is small; batching pays most against per-call latency (a GPU, an HTTP API).
 
+``measure_api(settings, n, latency_ms=50)`` is the same comparison where batching pays: the
+API backend (queue ``embed``, the shipped queue tuning) against the OpenAI-compatible fake
+server of the test suite (``tests/fake_openai.py``) answering every call after a fixed delay,
+as a hosted embeddings API does (tens of milliseconds a call whatever its size). One call per
+message is then bound by the batcher's concurrent calls over the per-call latency; a batch
+carries as many texts as arrived within the wait.
+
 ``settings`` must point at a throwaway vhost, a Postgres schema (migrated here if needed) and
 a lock prefix of the benchmark's own.
 """
@@ -30,7 +37,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from consumers.embed import LOCAL_BATCHER, register
+from pydantic import SecretStr
+
+from consumers.embed import API_BATCHER, LOCAL_BATCHER, register
 from consumers.embed.local import LocalEmbedder
 from consumers.embed.models import install
 from mlpipe.contract.models import Task, TaskType, build_task
@@ -42,6 +51,9 @@ from mlpipe.store.migrate import migrate
 from mlpipe.testing import running_daemon, wait_for
 
 QUEUE = "embed_local"
+API_QUEUE = "embed"
+#: The fake API's delay per call when none is given (a hosted embeddings API's typical).
+API_LATENCY_MS = 50.0
 #: Unconfirmed publishes at once (the same for both modes).
 PUBLISH_IN_FLIGHT = 64
 _WORDS = (
@@ -59,30 +71,31 @@ def _text(rng: random.Random) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 30))) + "."
 
 
-def _task(share: str, text: str) -> Task:
+def _task(share: str, text: str, backend: str = "local") -> Task:
     return build_task(TaskType.EMBED_VECTORS, share,
                       {"content": {"text": text, "type": "caption"},
-                       "options": {"backend": "local"}})
+                       "options": {"backend": backend}})
 
 
-async def _run(settings: Settings, label: str, texts: list[str]) -> dict[str, Any]:
+async def _run(settings: Settings, label: str, texts: list[str], *, queue: str = QUEUE,
+               backend: str = "local", batcher_name: str = LOCAL_BATCHER) -> dict[str, Any]:
     registry = Registry()
     register(registry, settings)
     run_id = uuid.uuid4().hex[:8]
     n = len(texts)
     async with Effects(settings) as effects, \
-            running_daemon(settings, registry, QUEUE, executor=effects.executor) as daemon, \
+            running_daemon(settings, registry, queue, executor=effects.executor) as daemon, \
             Producer(settings) as producer:
-        await producer.publish(_task(f"warmup-{label}-{run_id}", "Loading the model."))
+        await producer.publish(_task(f"warmup-{label}-{run_id}", "Loading the model.", backend))
         await wait_for(lambda: daemon.status().tasks_done >= 1, timeout=120,
                        message="warm-up message done")
-        batcher = daemon.resources[LOCAL_BATCHER]
+        batcher = daemon.resources[batcher_name]
         before = batcher.stats()
         in_flight = asyncio.Semaphore(PUBLISH_IN_FLIGHT)
 
         async def publish(i: int, text: str) -> None:
             async with in_flight:
-                await producer.publish(_task(f"{label}-{run_id}-{i}", text))
+                await producer.publish(_task(f"{label}-{run_id}-{i}", text, backend))
 
         cpu_before = _cpu_s()
         started = time.perf_counter()
@@ -159,5 +172,39 @@ async def measure(settings: Settings, n_messages: int, *, rounds: int = 3) -> di
             "cpu_speedup": round(best["one_call_per_message"]["cpu_ms_per_msg"]
                                  / best["batched"]["cpu_ms_per_msg"], 2),
             "model_only": model_only,
+            "samples_messages_per_s": {mode: [r["messages_per_s"] for r in runs]
+                                       for mode, runs in samples.items()}}
+
+
+async def measure_api(settings: Settings, n_messages: int, *, latency_ms: float = API_LATENCY_MS,
+                      rounds: int = 3) -> dict[str, Any]:
+    """Batched versus one call per message through the daemon with the API backend, against
+    the fake OpenAI-compatible server delaying each call by ``latency_ms``; alternating
+    ``rounds`` times. Returns every round (``samples_messages_per_s``) and the last round's
+    details per mode, with the latency used."""
+    from tests.fake_openai import FakeOpenAI
+
+    class SlowAPI(FakeOpenAI):
+        """The test suite's fake, answering embeddings after a fixed per-call delay."""
+
+        async def _embeddings(self, request: Any) -> Any:
+            await asyncio.sleep(latency_ms / 1000)
+            return await super()._embeddings(request)
+
+    await migrate(settings.database_url, schema=settings.database_schema)
+    rng = random.Random(20240602)
+    texts = [_text(rng) for _ in range(n_messages)]
+    samples: dict[str, list[dict[str, Any]]] = {"batched": [], "one_call_per_message": []}
+    async with SlowAPI() as api:
+        batched = settings.model_copy(update={"openai_api_key": SecretStr("bench"),
+                                              "openai_base_url": api.base_url})
+        single = batched.model_copy(update={"embed_batch_size": 1, "embed_batch_wait_ms": 0.0})
+        for _ in range(rounds):
+            for mode, s in (("batched", batched), ("one_call_per_message", single)):
+                samples[mode].append(await _run(s, f"api-{mode}", texts, queue=API_QUEUE,
+                                                backend="api", batcher_name=API_BATCHER))
+    return {"workload": "embed_api", "n_messages": n_messages, "rounds": rounds,
+            "api_latency_ms": latency_ms,
+            **{mode: runs[-1] for mode, runs in samples.items()},
             "samples_messages_per_s": {mode: [r["messages_per_s"] for r in runs]
                                        for mode, runs in samples.items()}}

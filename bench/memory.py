@@ -13,6 +13,11 @@ transcribe_local,embed_local`` with the shipped handlers (``consumers:build_regi
 models load lazily, is given one local embedding task and one local transcription of a short
 spoken clip (espeak-ng, as ``make demo``); its RSS is read once both results are stored, so
 MiniLM (onnxruntime) and Whisper base (CTranslate2) are both resident.
+
+And "shipped handlers with API backends": ``mlpipe consume --queues transcribe,summarize,embed``
+with the shipped handlers and an API key set (the production set-up of an API worker), its RSS
+read once it has started and sat idle; nothing is called, so it is what such a pod costs
+before its first task.
 """
 
 from __future__ import annotations
@@ -151,6 +156,28 @@ async def measure_memory(url: str, stores: Stores, counts: tuple[int, int]) -> M
             finally:
                 await _stop(proc)
     return Memory(idle, after_a, after_b, counts)
+
+
+async def measure_api_memory(url: str, stores: Stores) -> float:
+    """Idle RSS (MB) of the shipped handlers' daemon on the API queues."""
+    async with broker.connection(url) as conn, conn.channel() as ch:
+        await declare(ch, Topology())
+    env = {**_env(url, stores), "MLPIPE_OPENAI_API_KEY": "bench",
+           # never called: nothing is published to this daemon
+           "MLPIPE_OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    with tempfile.TemporaryDirectory(prefix="bench-api-memory-") as tmp:
+        log_path = Path(tmp, "daemon.log")
+        with _log_file(log_path) as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mlpipe.cli", "--log-json", "consume",
+                "--queues", "transcribe,summarize,embed",
+                cwd=str(ROOT), env=env, stdout=log, stderr=log)
+            try:
+                await _wait_log(proc, log_path, "daemon.started", timeout=60)
+                await asyncio.sleep(IDLE_SETTLE_S)
+                return rss_mb(proc.pid)
+            finally:
+                await _stop(proc)
 
 
 async def measure_model_memory(url: str, stores: Stores) -> ModelMemory:

@@ -1,12 +1,13 @@
 """``python -m bench.run [--quick]``: every workload against its baselines, in one run.
 
-Prints the table (absolute figures, mlpipe ÷ baseline ratios, the targets of issue 7 with
-PASS/FAIL) and writes the figures to ``bench/results/<timestamp>.json`` and
-``bench/results/latest.json``. Contenders of a workload run in interleaved rounds (the order
-rotates each round) and each figure is the best of its rounds, so that a burst of load from
-another process on the machine costs one sample, not the comparison. Exit status: 0 when
-everything was measured, 1 when a contender failed (its figure is missing, never invented),
-2 with ``--strict`` when a target failed.
+Prints the table (medians with the min..max of the rounds, ratios of medians, the targets of
+issue 17 with PASS/FAIL judged on medians), writes the figures to
+``bench/results/<timestamp>.json`` and ``bench/results/latest.json``, and draws the ratios to
+``bench/results/latest.png`` (``bench.chart``). Contenders of a workload run in interleaved
+rounds (the order rotates each round) and each figure is the median of its rounds, so that a
+burst of load from another process on the machine moves one sample, not the comparison.
+Exit status: 0 when everything was measured, 1 when a contender failed (its figure is
+missing, never invented), 2 with ``--strict`` when a target failed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Plan:
     noop_n: int
     celery_n: int
     full_n: int
+    #: Celery's full path is ~10x slower: fewer tasks give the same steady-state window.
+    celery_full_n: int
     publish_serial_n: int
     publish_in_flight_n: int
     in_flight: int
@@ -54,15 +57,19 @@ class Plan:
     latency_s: float
     latency_rounds: int
     embed_n: int
+    embed_rounds: int
+    embed_api_n: int
     memory_counts: tuple[int, int]
 
 
-FULL = Plan(rounds=5, noop_n=10_000, celery_n=5_000, full_n=4_000, publish_serial_n=1_000,
-            publish_in_flight_n=10_000, in_flight=256, latency_rate=500, latency_s=6,
-            latency_rounds=2, embed_n=400, memory_counts=(10_000, 20_000))
-QUICK = Plan(rounds=1, noop_n=2_000, celery_n=1_000, full_n=800, publish_serial_n=300,
-             publish_in_flight_n=2_000, in_flight=256, latency_rate=500, latency_s=3,
-             latency_rounds=1, embed_n=100, memory_counts=(1_000, 2_000))
+FULL = Plan(rounds=5, noop_n=10_000, celery_n=5_000, full_n=4_000, celery_full_n=1_000,
+            publish_serial_n=1_000, publish_in_flight_n=10_000, in_flight=256, latency_rate=500,
+            latency_s=6, latency_rounds=3, embed_n=400, embed_rounds=3, embed_api_n=300,
+            memory_counts=(10_000, 20_000))
+QUICK = Plan(rounds=1, noop_n=2_000, celery_n=1_000, full_n=800, celery_full_n=300,
+             publish_serial_n=300, publish_in_flight_n=2_000, in_flight=256, latency_rate=500,
+             latency_s=3, latency_rounds=1, embed_n=100, embed_rounds=1, embed_api_n=100,
+             memory_counts=(1_000, 2_000))
 
 Sample = Callable[[], Awaitable[float]]
 
@@ -70,10 +77,11 @@ Sample = Callable[[], Awaitable[float]]
 class Bench:
     """Collects figures, errors and timings of one run."""
 
-    def __init__(self, plan: Plan, quick: bool, dsn: str) -> None:
+    def __init__(self, plan: Plan, quick: bool, dsn: str, api_latency_ms: float) -> None:
         self.plan = plan
         self.quick = quick
         self.dsn = dsn
+        self.api_latency_ms = api_latency_ms
         self.figures: list[Figure] = []
         self.errors: dict[str, str] = {}
         self.notes: dict[str, str] = {}
@@ -81,8 +89,9 @@ class Bench:
 
     async def rounds(self, workload: str, unit: str, contenders: Mapping[str, Sample], *,
                      rounds: int | None = None, higher_is_better: bool = True) -> None:
-        """Run each contender ``rounds`` times, interleaved, order rotating; record the best.
-        A contender that fails is dropped from later rounds and reported with its error."""
+        """Run each contender ``rounds`` times, interleaved, order rotating; record every
+        round (the figure is their median). A contender that fails is dropped from later
+        rounds and reported with its error: its figure is missing, not made of fewer rounds."""
         names = list(contenders)
         samples: dict[str, list[float]] = {n: [] for n in names}
         failed: dict[str, str] = {}
@@ -102,7 +111,7 @@ class Bench:
                 print(f"  {workload}/{name} round {r + 1}: {value:,.2f} {unit}",
                       file=sys.stderr, flush=True)
         for name in names:
-            if samples[name]:
+            if samples[name] and name not in failed:
                 self.figures.append(figure(workload, name, unit, samples[name],
                                            higher_is_better=higher_is_better))
             else:
@@ -146,15 +155,38 @@ async def noop_consume(b: Bench) -> None:
 
 
 async def full_path(b: Bench) -> None:
-    from bench.full_path import mlpipe_full, raw_full, throwaway_schema
+    from bench.celery_full import celery_full
+    from bench.full_path import (
+        hand_written_full,
+        mlpipe_full,
+        raw_no_events_full,
+        throwaway_schema,
+    )
 
-    n = b.plan.full_n
+    n, nc = b.plan.full_n, b.plan.celery_full_n
+    cpu: dict[str, list[float]] = {"mlpipe": [], "hand_written": [], "raw_no_events": []}
+
+    async def rate(name: str, run: Awaitable[Run]) -> float:
+        result = await run
+        if name in cpu and result.cpu_us_per_message is not None:
+            cpu[name].append(result.cpu_us_per_message)
+        return result.rate
+
     with broker.vhost("full") as url:
         async with throwaway_schema(b.dsn, REDIS_URL) as stores:
             await b.rounds("full_path", "msg/s", {
-                "mlpipe": lambda: _rate(mlpipe_full(url, n, stores)),
-                "raw_aio_pika": lambda: _rate(raw_full(url, n, stores)),
+                "mlpipe": lambda: rate("mlpipe", mlpipe_full(url, n, stores)),
+                "hand_written": lambda: rate("hand_written", hand_written_full(url, n, stores)),
+                "celery": lambda: rate("celery", celery_full(url, nc, stores)),
+                "raw_no_events": lambda: rate("raw_no_events",
+                                              raw_no_events_full(url, n, stores)),
             })
+    for name, samples in cpu.items():
+        failed = f"full_path/{name}" in b.errors
+        b.figures.append(figure("full_cpu", name, "us/msg", samples, higher_is_better=False)
+                         if samples and not failed else
+                         missing("full_cpu", name, "us/msg", "failed, see full_path",
+                                 higher_is_better=False))
 
 
 async def publishing(b: Bench) -> None:
@@ -205,56 +237,58 @@ async def latency(b: Bench) -> None:
 
 
 async def embed_batching(b: Bench) -> None:
-    # ---- HOOK: workload 5, embedding micro-batching ------------------------------------------
-    # bench/embed_batching.py belongs to another engineer. Its interface, as written there:
-    #     async measure(settings: Settings, n_messages: int) -> dict
-    # with settings pointing at a throwaway vhost, schema and lock prefix, returning
-    #     {"batched": {"messages_per_s": x, ...}, "one_call_per_message": {"messages_per_s": y,
-    #      ...}, ...}
-    # If the module is absent the table says "not available yet"; a result without those two
-    # figures is reported as such. Never a number made up here.
-    try:
-        module = importlib.import_module("bench.embed_batching")
-    except ModuleNotFoundError as exc:
-        if exc.name != "bench.embed_batching":
-            raise
-        for key in ("batched", "per_message"):
-            b.figures.append(missing("embed_batching", key, "msg/s", "not available yet"))
-        return
+    """Workload 5: batched vs one call per message through the daemon, first with the API
+    backend against the fake server with a fixed per-call latency (where batching pays), then
+    with the local MiniLM on the CPU (where it saves per-call overhead only)."""
+    from bench import embed_batching as module
     from bench.consume_noop import HTTP
     from bench.full_path import throwaway_schema
     from mlpipe.settings import Settings
 
-    n = b.plan.embed_n
-    with broker.vhost("embed") as url:
-        async with throwaway_schema(b.dsn, REDIS_URL) as stores:
-            settings = Settings(broker_url=url, database_url=stores.dsn,
-                                database_schema=stores.schema, redis_url=stores.redis_url,
-                                lock_prefix=f"bench:{uuid.uuid4().hex[:8]}:", **HTTP)
-            result: Any = await module.measure(settings, n)
-    for key, theirs in (("batched", "batched"), ("per_message", "one_call_per_message")):
-        value = _dig(result, theirs, "messages_per_s")
-        if value is None:
-            b.figures.append(missing("embed_batching", key, "msg/s",
-                                     f"embed_batching.measure gave no {theirs}.messages_per_s"))
+    p = b.plan
+    for workload, n, what in (("embed_api", p.embed_api_n, "api"),
+                              ("embed_batching", p.embed_n, "local")):
+        try:
+            with broker.vhost(f"embed-{what}") as url:
+                async with throwaway_schema(b.dsn, REDIS_URL) as stores:
+                    settings = Settings(broker_url=url, database_url=stores.dsn,
+                                        database_schema=stores.schema,
+                                        redis_url=stores.redis_url,
+                                        lock_prefix=f"bench:{uuid.uuid4().hex[:8]}:", **HTTP)
+                    result: Any = await (
+                        module.measure_api(settings, n, latency_ms=b.api_latency_ms,
+                                           rounds=p.embed_rounds)
+                        if what == "api" else module.measure(settings, n, rounds=p.embed_rounds))
+        except Exception as exc:
+            b.errors[workload] = _why(exc)
+            print(f"  {workload}: FAILED {b.errors[workload]}", file=sys.stderr)
+            b.figures += [missing(workload, k, "msg/s", b.errors[workload])
+                          for k in ("batched", "per_message")]
             continue
-        detail = result[theirs]
-        b.figures.append(figure("embed_batching", key, "msg/s", [value],
-                                note=f"{n} msgs, {detail.get('texts_per_call', '?')} texts/call"))
-    # ---- end of HOOK --------------------------------------------------------------------------
+        _embed_figures(b, workload, n, result)
 
 
-def _dig(doc: Any, *path: str) -> float | None:
-    for key in path:
-        if not isinstance(doc, Mapping) or key not in doc:
-            return None
-        doc = doc[key]
-    return float(doc) if isinstance(doc, int | float) else None
+def _embed_figures(b: Bench, workload: str, n: int, result: Mapping[str, Any]) -> None:
+    latency = (f", API {result['api_latency_ms']:g} ms a call"
+               if "api_latency_ms" in result else "")
+    for key, theirs in (("batched", "batched"), ("per_message", "one_call_per_message")):
+        samples = result.get("samples_messages_per_s", {}).get(theirs)
+        if not samples:
+            b.figures.append(missing(workload, key, "msg/s", f"no {theirs} samples"))
+            continue
+        detail = result.get(theirs, {})
+        b.figures.append(figure(workload, key, "msg/s", samples,
+                                note=f"{n} msgs, {detail.get('texts_per_call', '?')} "
+                                     f"texts/call{latency}"))
+        print(f"  {workload}/{key}: {samples} msg/s", file=sys.stderr, flush=True)
+    if latency:
+        b.notes[workload] = (f"fake OpenAI-compatible server answering each call after "
+                             f"{result['api_latency_ms']:g} ms")
 
 
 async def memory(b: Bench) -> None:
     from bench.full_path import throwaway_schema
-    from bench.memory import measure_memory, measure_model_memory
+    from bench.memory import measure_api_memory, measure_memory, measure_model_memory
 
     a, c = b.plan.memory_counts
     with broker.vhost("memory") as url:
@@ -265,6 +299,19 @@ async def memory(b: Bench) -> None:
                 figure("memory", "after_a", "MB", [m.after_a_mb], note=f"after {a:,} tasks"),
                 figure("memory", "after_b", "MB", [m.after_b_mb], note=f"after {c:,} tasks"),
             ]
+    with broker.vhost("api-memory") as url:
+        async with throwaway_schema(b.dsn, REDIS_URL) as stores:
+            try:
+                api_idle = await measure_api_memory(url, stores)
+            except Exception as exc:
+                b.errors["memory/api_idle"] = _why(exc)
+                print(f"  memory/api_idle: FAILED {b.errors['memory/api_idle']}",
+                      file=sys.stderr)
+                b.figures.append(missing("memory", "api_idle", "MB",
+                                         b.errors["memory/api_idle"]))
+            else:
+                b.figures.append(figure("memory", "api_idle", "MB", [api_idle],
+                                        note="transcribe,summarize,embed, API key set"))
     with broker.vhost("models") as url:
         async with throwaway_schema(b.dsn, REDIS_URL) as stores:
             try:
@@ -296,14 +343,17 @@ _OWED: dict[str, tuple[tuple[str, str, str], ...]] = {
     "noop": tuple(("noop_consume", c, "msg/s")
                   for c in ("mlpipe", "raw_aio_pika", "faststream", "celery"))
     + tuple(("noop_cpu", c, "us/msg") for c in ("mlpipe", "raw_aio_pika", "faststream")),
-    "full": tuple(("full_path", c, "msg/s") for c in ("mlpipe", "raw_aio_pika")),
+    "full": tuple(("full_path", c, "msg/s")
+                  for c in ("mlpipe", "hand_written", "celery", "raw_no_events"))
+    + tuple(("full_cpu", c, "us/msg") for c in ("mlpipe", "hand_written", "raw_no_events")),
     "publish": tuple((w, c, "msg/s") for w in ("publish_serial", "publish_in_flight")
                      for c in ("mlpipe", "raw_aio_pika")),
     "latency": tuple((w, c, "ms") for w in ("latency_p50", "latency_p99")
                      for c in ("mlpipe", "raw_aio_pika")),
-    "embed": (("embed_batching", "batched", "msg/s"), ("embed_batching", "per_message", "msg/s")),
-    "memory": tuple(("memory", c, "MB") for c in ("idle", "after_a", "after_b", "models_idle",
-                                                   "models_loaded")),
+    "embed": tuple((w, c, "msg/s") for w in ("embed_api", "embed_batching")
+                   for c in ("batched", "per_message")),
+    "memory": tuple(("memory", c, "MB") for c in ("idle", "after_a", "after_b", "api_idle",
+                                                   "models_idle", "models_loaded")),
 }
 
 
@@ -325,7 +375,7 @@ def pg_dsn() -> str:
 def environment() -> dict[str, Any]:
     versions: dict[str, str | None] = {}
     for dist in ("mlpipe", "aio-pika", "aiormq", "pamqp", "uvloop", "pydantic", "faststream",
-                 "celery", "kombu", "asyncpg", "redis"):
+                 "celery", "kombu", "celery-singleton", "psycopg", "asyncpg", "redis"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -353,11 +403,23 @@ def write_results(report: Report, directory: Path = RESULTS) -> Path:
     return path
 
 
-async def run(quick: bool, only: Sequence[str]) -> Report:
+def write_chart_quietly(report: Report, results: Path) -> Path | None:
+    """``latest.png`` beside the results; a chart that cannot be drawn (matplotlib missing)
+    is an error in the list, not a failed run: the figures are in the JSON either way."""
+    try:
+        from bench.chart import write_chart
+
+        return write_chart(report.to_json(), results.parent / "latest.png")
+    except Exception as exc:
+        report.errors["chart"] = _why(exc)
+        return None
+
+
+async def run(quick: bool, only: Sequence[str], api_latency_ms: float) -> Report:
     plan = QUICK if quick else FULL
     started = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     t0 = time.monotonic()
-    bench = Bench(plan, quick, pg_dsn())
+    bench = Bench(plan, quick, pg_dsn(), api_latency_ms)
     env = environment()
     for name in only:
         print(f"== {name}", file=sys.stderr, flush=True)
@@ -375,7 +437,9 @@ async def run(quick: bool, only: Sequence[str]) -> Report:
     env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     return Report(started_at=started.isoformat().replace("+00:00", "Z"),
                   mode="quick" if quick else "full", seconds=time.monotonic() - t0,
-                  environment=env, plan=dataclasses.asdict(plan), figures=bench.figures,
+                  environment=env,
+                  plan={**dataclasses.asdict(plan), "api_latency_ms": api_latency_ms},
+                  figures=bench.figures,
                   durations_s=bench.durations, errors=bench.errors, notes=bench.notes)
 
 
@@ -396,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target fails")
+    parser.add_argument("--api-latency-ms", type=float, default=50.0,
+                        help="the fake embeddings API's delay per call (default 50)")
     args = parser.parse_args(argv)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
@@ -404,13 +470,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_logging()
     import uvloop
 
-    report = uvloop.run(run(args.quick, only))
+    report = uvloop.run(run(args.quick, only, args.api_latency_ms))
     path = write_results(report)
+    chart = write_chart_quietly(report, path)
     checks = check_all(report.figures)
     env = report.environment
     title = (f"mlpipe bench ({report.mode}, {report.seconds:.0f} s, {env['cpus']} CPUs, "
              f"RabbitMQ {env['rabbitmq']}, load {env['load_avg_start'][0]} -> "
-             f"{env['load_avg_end'][0]}); figures are the best of "
+             f"{env['load_avg_end'][0]}); figures are the median (min..max) of "
              f"{report.plan['rounds']} interleaved round(s)")
     print(render(report.figures, checks, title=title))
     for key, note in report.notes.items():
@@ -418,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.durations_s.items())
           + f"; total {report.seconds:.0f} s")
     print(f"\nresults: {path.relative_to(ROOT)} (and bench/results/latest.json)")
+    if chart is not None:
+        print(f"chart: {chart.relative_to(ROOT)}")
     if report.errors:
         print("errors:\n" + "\n".join(f"  {k}: {v}" for k, v in report.errors.items()))
         return 1
