@@ -9,24 +9,35 @@ export MLPIPE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5433/mlpipe
 export MLPIPE_WHISPER_MODEL_DIR ?= $(CURDIR)/.data/models/whisper-base
 export MLPIPE_EMBEDDING_MODEL_DIR ?= $(CURDIR)/.data/models/all-MiniLM-L6-v2-int8
 
-.PHONY: setup services test unit lint typecheck demo consume topology bench bench-quick chaos clean
+.PHONY: setup system-deps services test unit lint typecheck demo consume topology bench bench-quick chaos clean
 
-setup: .venv/.installed contracts/node/node_modules/.installed .data/models/.installed ## venv, deps, offline models
+setup: system-deps .venv/.installed contracts/node/dist/.built .data/models/.installed ## system packages, venv, deps, offline models, the TypeScript producer
 	@echo "setup done: try 'make demo' or 'make test'"
 
-.data/models/.installed: .venv/.installed
+# ffmpeg, espeak-ng, Node.js: installed with apt-get as root, else the one command to run
+system-deps:
+	bash scripts/system-deps
+
+.data/models/.installed: .venv/.installed | system-deps
 	$(PY) -m consumers.transcribe.models
 	$(PY) -m consumers.embed.models install $(MLPIPE_EMBEDDING_MODEL_DIR)
 	mkdir -p .data/models && touch $@
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml | system-deps
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-contracts/node/node_modules/.installed: contracts/node/package-lock.json
+# npm ci installs the exact packages of package-lock.json: amqplib, and for development
+# TypeScript, json-schema-to-typescript and @asyncapi/specs (tests/unit/test_asyncapi.py)
+contracts/node/node_modules/.installed: contracts/node/package-lock.json | system-deps
 	npm ci --prefix contracts/node --no-audit --no-fund --loglevel=error
+	touch $@
+
+# tsc compiles the TypeScript producer to contracts/node/dist (not in git)
+contracts/node/dist/.built: contracts/node/node_modules/.installed contracts/node/tsconfig.json $(wildcard contracts/node/src/*.ts contracts/node/test/*.ts)
+	npm run --prefix contracts/node build
 	touch $@
 
 services: setup ## start RabbitMQ, Redis, Postgres and the pgvector Postgres if not running
