@@ -607,9 +607,10 @@ async def test_without_tokens_only_loopback(pg_dsn: str, pg_schema: str,
                                                  r"tokens.*MLPIPE_API_TOKENS"):
             await server.start()
         assert server.pool is None
-    # loopback without tokens: open, analytics included
+    # loopback without tokens: the read endpoints are open, the admin ones closed to everyone
     async with ApiServer(open_config, embedder=embedder_of(local_model)) as server:
-        assert await status_of(f"{server.url}/v1/budgets") == 200
+        assert await status_of(f"{server.url}/v1/shares/x/results") == 200
+        assert await status_of(f"{server.url}/v1/budgets") == 403
     # every interface with tokens: fine
     async with ApiServer(config(pg_dsn, pg_schema, host="0.0.0.0"),
                          embedder=embedder_of(local_model)) as server:
@@ -618,6 +619,36 @@ async def test_without_tokens_only_loopback(pg_dsn: str, pg_schema: str,
         assert await status_of(url, ADMIN) == 200
     with pytest.raises(ApiConfigError, match="shorter than 16"):
         ApiServer(config(pg_dsn, pg_schema, tokens=("short",)), embedder=embedder_of(local_model))
+
+
+async def test_without_tokens_admin_endpoints_are_forbidden(
+        pg_dsn: str, pg_schema: str, seeded: Seed, local_model: LocalEmbedder) -> None:
+    """Loopback without any token: every read endpoint answers anyone (with or without an
+    Authorization header, which nothing checks), every admin endpoint answers 403 with the
+    usual problem body, whatever the caller presents, before its parameters are looked at."""
+    open_config = config(pg_dsn, pg_schema, tokens=(), admin_tokens=())
+    async with ApiServer(open_config, embedder=embedder_of(local_model)) as server, \
+            aiohttp.ClientSession(server.url) as session:
+        api = Client(session)
+        for path in READ_PATHS:
+            for token in (None, ADMIN, READER):
+                status, body = await api.get(path, token)
+                assert status == 200, (path, token, body)
+        rocket = await api.ok("/v1/search", None, q="getting a payload into orbit")
+        assert rocket["items"][0]["shareId"] == "yt-rocket-1"
+        results = await api.ok("/v1/shares/yt-rocket-1/results", None)
+        assert len(results["results"]) == 3
+        for path in ADMIN_PATHS:
+            for token in (None, ADMIN, READER):
+                status, problem = await api.get(path, token)
+                assert status == 403, (path, token, problem)
+                assert problem["error"] == "forbidden"
+                assert "MLPIPE_API_ADMIN_TOKENS" in problem["message"]
+                assert problem["details"] == []
+        status, problem = await api.get("/v1/costs", None, limit=0, cursor="garbage")
+        assert (status, problem["error"]) == (403, "forbidden")  # not 400: auth comes first
+        for public in ("/healthz", "/openapi.json"):
+            assert (await api.get(public, None))[0] == 200
 
 
 async def test_refuses_an_unmigrated_schema(pg_dsn: str, local_model: LocalEmbedder) -> None:

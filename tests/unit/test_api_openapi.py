@@ -13,7 +13,16 @@ import pytest
 from openapi_spec_validator import validate
 
 from mlpipe.api import cursor
-from mlpipe.api.auth import ApiConfigError, Role, TokenSet, ensure_safe_bind, is_loopback
+from mlpipe.api.auth import (
+    Access,
+    ApiConfigError,
+    Role,
+    TokenSet,
+    ensure_safe_bind,
+    is_loopback,
+)
+from mlpipe.api.context import ApiError
+from mlpipe.api.dispatch import authorize
 from mlpipe.api.models import CostsQuery, SearchQuery
 from mlpipe.api.openapi import document, render
 
@@ -80,6 +89,24 @@ def test_token_roles() -> None:
         TokenSet(["short"], [])
     with pytest.raises(ApiConfigError, match="whitespace"):
         TokenSet([], [f" {ADMIN}"])
+
+
+def test_without_tokens_reads_are_open_and_admin_is_closed() -> None:
+    """The loopback-only mode: no token configured, so nothing can prove a caller is an
+    admin; read and public access pass, admin access is 403 whatever is presented."""
+    none = TokenSet([], [])
+    for header in (None, f"Bearer {ADMIN}", "Bearer anything-at-all-0000", "Basic x"):
+        authorize(header, Access.PUBLIC, none)
+        authorize(header, Access.READ, none)
+        with pytest.raises(ApiError) as refused:
+            authorize(header, Access.ADMIN, none)
+        assert (refused.value.status, refused.value.error) == (403, "forbidden")
+        assert "MLPIPE_API_ADMIN_TOKENS" in refused.value.message
+    configured = TokenSet([READER], [ADMIN])
+    authorize(f"Bearer {ADMIN}", Access.ADMIN, configured)
+    with pytest.raises(ApiError) as anonymous:
+        authorize(None, Access.READ, configured)
+    assert anonymous.value.status == 401
 
 
 async def test_loopback_rule() -> None:

@@ -15,7 +15,8 @@ endpoint                                 token   what
 ``GET /healthz``, ``GET /openapi.json``  none    liveness; the OpenAPI 3.1 document
 =======================================  ======  ==============================================
 
-Read-only by construction: no endpoint writes, and the handlers only run SELECTs.
+Read-only by construction: no endpoint writes, and the handlers only run SELECTs. Without
+configured tokens (loopback only) the read endpoints are open and the admin ones answer 403.
 """
 
 from mlpipe.api.auth import ApiConfigError

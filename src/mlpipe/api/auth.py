@@ -6,8 +6,10 @@ tokens are compared by their SHA-256 digests with ``hmac.compare_digest`` agains
 configured token, without stopping at the first match, so neither the time taken nor the
 token lengths tell an attacker how close a guess was.
 
-With no token configured at all the API answers everyone, which is only acceptable when no
-one else can reach it: ``ensure_safe_bind`` refuses any address that is not loopback.
+With no token configured at all the read endpoints answer everyone, which is only acceptable
+when no one else can reach them: ``ensure_safe_bind`` refuses any address that is not
+loopback. The admin endpoints answer no one in that mode (403, ``mlpipe.api.dispatch``):
+loopback is shared by every process and user of the machine, and the ledger is not theirs.
 """
 
 from __future__ import annotations
@@ -97,5 +99,6 @@ async def ensure_safe_bind(host: str, tokens: TokenSet) -> None:
         return
     raise ApiConfigError(
         f"refusing to serve the API on {host or 'every interface'!s} without tokens: anyone "
-        "who can reach it could read every result and the cost ledger. Configure "
-        "MLPIPE_API_TOKENS and/or MLPIPE_API_ADMIN_TOKENS (JSON lists), or bind to 127.0.0.1")
+        "who can reach it could read every stored result and search every stored text. "
+        "Configure MLPIPE_API_TOKENS and/or MLPIPE_API_ADMIN_TOKENS (JSON lists), or bind to "
+        "127.0.0.1")

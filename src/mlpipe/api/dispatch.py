@@ -60,9 +60,17 @@ def _endpoint(op: Operation, ctx: ApiContext,
 
 
 def authorize(header: str | None, access: Access, tokens: TokenSet) -> None:
-    """Raise 401/403 unless ``header`` grants ``access``. Without any configured token (only
-    allowed on loopback) every request is let through."""
-    if access is Access.PUBLIC or not tokens.enabled:
+    """Raise 401/403 unless ``header`` grants ``access``.
+
+    Without any configured token (only allowed on loopback) the read endpoints answer
+    everyone and the admin ones no one (403): no token can prove a caller is an admin, and
+    "it runs on loopback" says nothing about who else shares the machine."""
+    if access is Access.PUBLIC:
+        return
+    if not tokens.enabled:
+        if access is Access.ADMIN:
+            raise ApiError(403, "forbidden", "this endpoint needs an admin token and none is "
+                                             "configured (MLPIPE_API_ADMIN_TOKENS)")
         return
     if not header:
         raise ApiError(401, "unauthorized", "a bearer token is required",

@@ -35,13 +35,16 @@ and budget status.
 
 Authentication: `Authorization: Bearer <token>`. An ordinary token reads search, results and
 workflow state; the analytics endpoints need an admin token (403 otherwise). A missing or
-unknown token is 401. Paged listings return `nextCursor`; pass it back as `cursor` with the
-same filters (`limit` may change) until it is null. Errors are JSON problems
-(`{"error", "message", "details"}`).
+unknown token is 401. A server started without any token (allowed on loopback only) answers
+the read endpoints without one and the analytics endpoints with 403.
+
+Paged listings return `nextCursor`; pass it back as `cursor` with the same filters (`limit`
+may change) until it is null. Errors are JSON problems (`{"error", "message", "details"}`).
 """
 
 _STATUS_TEXT = {400: "invalid parameters or cursor", 401: "missing or invalid bearer token",
-                403: "an admin token is required", 404: "not found",
+                403: "an admin token is required (a server without tokens has none to accept)",
+                404: "not found",
                 503: "database or query embedding unavailable; retry later"}
 
 

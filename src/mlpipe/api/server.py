@@ -115,7 +115,8 @@ class ApiServer:
         await ensure_safe_bind(self.config.host, self._tokens)
         if not self._tokens.enabled:
             log.warning("api.no_tokens", host=self.config.host,
-                        effect="every endpoint, analytics included, answers without a token")
+                        effect="the read endpoints answer without a token; the admin "
+                               "ones (costs, tasks, budgets) answer 403")
         try:
             self.pool = await create_api_pool(self.config)
             await self._check_schema(self.pool)
