@@ -14,14 +14,14 @@ The files live in two packages, so this module links (or copies) them into one d
     python -m consumers.embed.models install [DIR] [--copy]   # prints DIR
     python -m consumers.embed.models path                     # where the default DIR is
 
-Both files are checked against pinned sha256 digests: vectors from another file would be
-silently incomparable with those already stored under the same model name.
+Both files are checked against pinned sha256 digests (``consumers._modelfiles``, shared with
+the Whisper model): vectors from another file would be silently incomparable with those
+already stored under the same model name.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -29,6 +29,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from consumers._modelfiles import ModelFileError, check_sha256, sha256_file
 
 #: Where ``install`` puts the directory when given none (next to the pgvector data).
 DEFAULT_DIR = Path(".data") / "models" / "all-MiniLM-L6-v2-int8"
@@ -56,8 +58,8 @@ FILES = (
 )
 
 
-class ModelNotInstalled(RuntimeError):
-    pass
+class ModelNotInstalled(ModelFileError):
+    """A package carrying a model file is not installed."""
 
 
 def packaged_file(spec: ModelFile) -> Path:
@@ -72,14 +74,6 @@ def packaged_file(spec: ModelFile) -> Path:
                             f"installed; {INSTALL_HINT}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def install(target: str | os.PathLike[str] = DEFAULT_DIR, *, copy: bool = False) -> Path:
     """Make ``target`` a model directory for ``MLPIPE_EMBEDDING_MODEL_DIR`` (idempotent) and
     return its absolute path. Symlinks by default; ``copy`` for images that drop site-packages
@@ -88,12 +82,10 @@ def install(target: str | os.PathLike[str] = DEFAULT_DIR, *, copy: bool = False)
     root.mkdir(parents=True, exist_ok=True)
     for spec in FILES:
         source = packaged_file(spec)
-        if _sha256(source) != spec.sha256:
-            raise ModelNotInstalled(f"{source} does not match the pinned sha256 of "
-                                    f"{spec.distribution}; reinstall it")
+        check_sha256(source, spec.sha256, origin=spec.distribution)
         dest = root / spec.name
         if dest.is_symlink() or dest.exists():
-            if copy and not dest.is_symlink() and _sha256(dest) == spec.sha256:
+            if copy and not dest.is_symlink() and sha256_file(dest) == spec.sha256:
                 continue
             if not copy and dest.is_symlink() and dest.resolve() == source.resolve():
                 continue
@@ -119,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         print(install(args.dir, copy=args.copy))
-    except ModelNotInstalled as exc:
+    except ModelFileError as exc:  # not installed, or not the pinned file
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

