@@ -111,9 +111,18 @@ def _snake(key: str) -> str:
 
 
 def _text(value: Any) -> str | None:
+    """A header value as text. AMQP hands over a string header that is not UTF-8 as bytes;
+    such a header is malformed, not a reason to retry (found by
+    tests/unit/test_contract_fuzz)."""
     if value is None:
         return None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise ContractError(f"Celery header value {value[:40]!r} is not UTF-8",
+                            reason="celery_malformed") from None
 
 
 def _retries(value: Any) -> int:

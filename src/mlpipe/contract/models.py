@@ -7,6 +7,8 @@ Rules that make the contract safe to evolve across languages:
 
 * unknown fields are ignored (a 1.1 producer must not break a 1.0 consumer);
 * missing required fields and wrong types are rejected, without coercion (``"3"`` is not 3);
+* numbers are finite: ``NaN``, ``Infinity`` and literals out of float range (``1e400``) are
+  not JSON numbers other languages can send or read back, so they are rejected;
 * ``version`` is ``1.<minor>``; any other major version is refused as unsupported.
 """
 
@@ -50,6 +52,7 @@ class _Model(BaseModel):
         extra="ignore",
         frozen=True,
         use_enum_values=False,
+        allow_inf_nan=False,
     )
 
 
