@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     nested models take JSON, e.g. ``MLPIPE_RETRY='{"max_retries": 3}'``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MLPIPE_", extra="forbid", frozen=True, env_nested_delimiter="__"
+        env_prefix="MLPIPE_", extra="forbid", frozen=True, env_nested_delimiter="__",
+        # a refused URL must not be echoed into logs: broker and database URLs hold passwords
+        hide_input_in_errors=True,
     )
 
     # --- services -------------------------------------------------------------------------
