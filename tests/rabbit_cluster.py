@@ -16,7 +16,7 @@ Usage (blocking calls: from async code wrap them in ``asyncio.to_thread``)::
         cluster.add_vhost("chaos")       # vhosts and permissions are cluster-wide
         settings = Settings(broker_url=cluster.url_for("chaos"))   # all three hosts
         ...                              # declare: quorum queues get a member on every node
-        node = cluster.leader_of("ml.summarize", "chaos")   # e.g. "mlpipe-c41234-2@localhost"
+        node = cluster.leader_of("ml.summarize", "chaos")  # "mlpipe-cl-<tag>-2@localhost"
         cluster.kill(node)               # SIGKILL of that node's beam.smp, like an OOM kill
         cluster.wait_leader_elected("ml.summarize", "chaos", not_on=node)
         cluster.start(node)              # boots it again; it rejoins from its data folder
@@ -32,8 +32,16 @@ Usage (blocking calls: from async code wrap them in ``asyncio.to_thread``)::
 and ``online_members_of`` show a quorum queue's replicas.
 
 Quorum queues declared after ``start()`` have a member on each of the three nodes: mlpipe sets
-no ``x-quorum-initial-group-size``, and the broker's default is every cluster member. Declare
-after the cluster is whole, not while a node is down (a queue declared then gets two members).
+no ``x-quorum-initial-group-size``, and the broker's default is every cluster member (check
+with ``members_of``). A new queue's leader is on the node its declaring client is connected
+to (``client-local``), so the first mlpipe process to connect usually leads every queue.
+
+For subprocess daemons and producers pass ``MLPIPE_BROKER_URL=cluster.url``; each picks a
+random node and fails over to the next when it dies (``mlpipe.broker.connection``). Each
+node's logs are under ``cluster.root / "n<i>" / "log"``. Run as root, the nodes run as the
+``rabbitmq`` user with the machine's Erlang cookie and epmd, as ``tests/services.py``'s
+``PrivateRabbit`` does; ``kill`` and ``cleanup`` only ever signal a beam process whose
+environment names one of this cluster's nodes.
 
 Costs, measured on a loaded 2-core machine: ``start()`` 15-20 s (three boots at once: the
 second and third find the first through classic-config peer discovery and join it at their
@@ -180,6 +188,8 @@ class RabbitCluster:
         boot. With ``node``: boot that (killed or stopped) node again; it rejoins the cluster
         from its own data folder. Returns once the cluster is whole again."""
         if node is not None:
+            if self.is_running(node):
+                raise ClusterError(f"{node} is already running")
             self._boot(self._node(node))
         else:
             _parallel([functools.partial(self._boot, n) for n in self._nodes])
