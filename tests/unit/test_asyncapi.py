@@ -9,6 +9,8 @@ skipped), saying what to run.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,32 @@ def test_committed_document_is_what_the_code_generates() -> None:
     assert COMMITTED.read_text() == asyncapi.render(asyncapi.document()), \
         "contracts/asyncapi.json is stale: run `mlpipe contract asyncapi`"
     assert asyncapi.write(COMMITTED, check=True) == 0
+
+
+def test_cli_check(tmp_path: Path) -> None:
+    """`mlpipe contract asyncapi [--check]`, as CI and developers run it."""
+    mlpipe = Path(sys.executable).parent / "mlpipe"
+    ok = subprocess.run([str(mlpipe), "contract", "asyncapi", "--check"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    target = tmp_path / "asyncapi.json"
+    stale = subprocess.run([str(mlpipe), "contract", "asyncapi", str(target), "--check"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert stale.returncode == 1
+    assert "out of date" in stale.stderr
+    written = subprocess.run([str(mlpipe), "contract", "asyncapi", str(target)],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert written.returncode == 0, written.stderr
+    assert target.read_text() == COMMITTED.read_text()
+
+
+def test_worker_headers_are_documented(doc: dict[str, Any]) -> None:
+    """The headers a worker sets on retries and dead-letters, as mlpipe.worker.settle names
+    them (the generator lists them without importing the worker)."""
+    from mlpipe.worker.settle import MLPIPE_HEADERS
+
+    documented = set(doc["components"]["schemas"]["TaskHeaders"]["properties"])
+    assert set(MLPIPE_HEADERS) | {"traceparent"} == documented
 
 
 def test_document_does_not_depend_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
