@@ -117,3 +117,22 @@ def test_fast_path_agrees_with_a_full_parse(task_type: TaskType, decoy: TaskType
     order.shuffle(items)
     body = json.dumps(dict(items), separators=(", ", ": ") if spaced else (",", ":")).encode()
     assert decode(body) == TASK_MODELS[task_type].model_validate_json(body)
+
+
+def test_a_nul_character_in_any_string_is_refused_up_front() -> None:
+    """Postgres text and jsonb cannot hold U+0000: refused at decode, not retried at persist."""
+    doc = json.loads((Path(__file__).parents[2] / "contracts/examples/summarize_llm.json")
+                      .read_text())
+    for where in ("text", "key"):
+        bad = json.loads(json.dumps(doc))
+        if where == "text":
+            bad["payload"]["content"]["text"] = "before\x00after"
+        else:
+            bad["payload"]["content"]["x\x00y"] = "unknown field"
+        with pytest.raises(ContractError) as err:
+            decode(json.dumps(bad).encode())
+        assert err.value.reason == "nul_character"
+    # the six characters backslash-u-0-0-0-0 as text are not a NUL
+    fine = json.loads(json.dumps(doc))
+    fine["payload"]["content"]["text"] = "a literal \\u0000 in a text"
+    assert decode(json.dumps(fine).encode()).payload.content.text.endswith("\\u0000 in a text")

@@ -28,6 +28,10 @@ def decode(body: bytes) -> Task:
         raise ContractError(
             f"body is {len(body)} bytes, above the {MAX_BODY_BYTES}-byte limit", reason="too_large"
         )
+    if b"\\u0000" in body and _has_nul(body):
+        # valid JSON, but Postgres text and jsonb cannot hold it: refused here rather than
+        # failing (and being retried) at persist time
+        raise ContractError("a string holds a NUL character (\\u0000)", reason="nul_character")
     task_type = _sniff_task_type(body)
     if task_type is not None:
         try:
@@ -35,6 +39,27 @@ def decode(body: bytes) -> Task:
         except ValidationError:
             pass  # maybe the marker sat inside a text field: the slow path decides
     return _slow_decode(body)
+
+
+def _has_nul(body: bytes) -> bool:
+    """Whether a decoded string (key or value) holds U+0000; a body that is no JSON at all is
+    left to the parse that explains why."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    stack: list[Any] = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def task_type_of(doc: dict[str, Any]) -> TaskType:
