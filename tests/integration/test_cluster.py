@@ -48,11 +48,14 @@ async def cluster() -> AsyncIterator[RabbitCluster]:
 @dataclass
 class Stream:
     """Publishes summarize tasks until stopped; a publish that raises is published again (as
-    a caller must), so each share ends confirmed."""
+    a caller must), up to ``attempts`` times in all, so each share ends confirmed or in
+    ``given_up``."""
 
     producer: Producer
+    attempts: int = 5
     confirmed: set[str] = field(default_factory=set)
     raised: list[str] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -69,7 +72,7 @@ class Stream:
     async def _publish(self, share: str) -> None:
         task = build_task(TaskType.SUMMARIZE_LLM, share,
                           {"content": {"text": f"Text of {share}, long enough to summarise."}})
-        while True:
+        for _ in range(self.attempts):
             try:
                 await self.producer.publish(task)
             except PublishError as exc:
@@ -78,6 +81,7 @@ class Stream:
                 continue
             self.confirmed.add(share)
             return
+        self.given_up.append(share)
 
 
 def _node_of(cluster: RabbitCluster, host: str | None) -> str | None:
@@ -185,6 +189,7 @@ async def test_losing_the_leader_then_a_follower_loses_no_confirmed_task(
             stream.stop.set()
             await flowing
         assert moved, "no client connection was on a killed node: fail-over not exercised"
+        assert not stream.given_up, (stream.given_up[:5], stream.raised[-5:])
         await wait_for(lambda: stream.confirmed <= set(handled), timeout=60,
                        message="every confirmed task handled")
 
