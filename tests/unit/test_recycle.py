@@ -1,9 +1,7 @@
 """The recycler retires a worker after max_tasks or past max_rss_mb, reading the RSS at most
-once per interval."""
+once per interval (on its injectable clock)."""
 
 from __future__ import annotations
-
-import time
 
 from mlpipe.worker.recycle import Recycler, rss_bytes
 
@@ -21,14 +19,17 @@ def test_rss_over_the_limit_retires_on_the_first_settle() -> None:
 
 
 def test_rss_growth_is_seen_within_one_interval() -> None:
+    now = [100.0]
     r = Recycler(max_tasks=0, max_rss_mb=(rss_bytes() + 40 * MB) // MB,
-                 rss_check_interval_s=0.3)
+                 rss_check_interval_s=0.3, clock=lambda: now[0])
     assert r.settled() is None
     ballast = bytearray(80 * MB)
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page: it is resident now
     assert rss_bytes() > (r._max_rss)
     assert r.settled() is None  # within the interval: /proc is not read again
-    time.sleep(0.35)
+    now[0] += 0.29
+    assert r.settled() is None  # still within it
+    now[0] += 0.02
     assert r.settled() == "max_rss"
     del ballast
 

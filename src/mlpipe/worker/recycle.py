@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -31,10 +32,12 @@ def rss_bytes() -> int:
 
 class Recycler:
     def __init__(self, max_tasks: int, max_rss_mb: int,
-                 rss_check_interval_s: float = RSS_CHECK_INTERVAL_S) -> None:
+                 rss_check_interval_s: float = RSS_CHECK_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._max_tasks = max_tasks
         self._max_rss = max_rss_mb * 1024 * 1024
         self._rss_interval = rss_check_interval_s
+        self._clock = clock
         self._next_rss_check = 0.0
         self.tasks_done = 0
 
@@ -45,7 +48,7 @@ class Recycler:
         if self._max_tasks and self.tasks_done >= self._max_tasks:
             return "max_tasks"
         if self._max_rss:
-            now = time.monotonic()
+            now = self._clock()
             if now >= self._next_rss_check:
                 self._next_rss_check = now + self._rss_interval
                 if rss_bytes() > self._max_rss:
