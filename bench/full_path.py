@@ -176,19 +176,21 @@ async def prepare_events_queue(url: str) -> None:
 # --- checks -------------------------------------------------------------------------------------
 
 
-async def _table_counts(stores: Stores) -> tuple[int, int, int]:
-    """Results stored, outbox rows, outbox rows still unpublished."""
+async def _table_counts(stores: Stores) -> tuple[int, int, int, int]:
+    """Results stored, of them written under a fencing token, outbox rows, outbox rows still
+    unpublished."""
     conn = await asyncpg.connect(stores.dsn)
     try:
         row = await conn.fetchrow(
             f'SELECT (SELECT count(*) FROM "{stores.schema}".ml_results) AS results, '
+            f'(SELECT count(*) FROM "{stores.schema}".ml_results WHERE fence > 0) AS fenced, '
             f'(SELECT count(*) FROM "{stores.schema}".ml_outbox) AS outbox, '
             f'(SELECT count(*) FROM "{stores.schema}".ml_outbox WHERE published_at IS NULL) '
             "AS pending")
     finally:
         await conn.close()
     assert row is not None
-    return int(row["results"]), int(row["outbox"]), int(row["pending"])
+    return int(row["results"]), int(row["fenced"]), int(row["outbox"]), int(row["pending"])
 
 
 async def drain_events(url: str, n: int, timeout: float = 30.0) -> set[str]:
@@ -224,17 +226,19 @@ async def drain_events(url: str, n: int, timeout: float = 30.0) -> set[str]:
 async def verify(url: str, queue: str, stores: Stores, n: int, *, events: bool,
                  outbox: bool) -> None:
     """A contender really did the work: its work queue is empty, every result is stored,
-    and (where the contender announces results) every event arrived on the bound queue and
-    every outbox row is marked published. Raises (failing the round) otherwise."""
+    and (where the contender announces results) every event arrived on the bound queue; with
+    ``outbox``, every result carries its fencing token and every outbox row is marked
+    published. Raises (failing the round) otherwise."""
     left = await broker.queue_depth(url, queue)
-    stored, rows, pending = await _table_counts(stores)
+    stored, fenced, rows, pending = await _table_counts(stores)
     problems = []
     if left:
         problems.append(f"{left} messages left on {queue}")
     if stored != n:
         problems.append(f"{stored} of {n} results stored")
-    if outbox and (rows != n or pending):
-        problems.append(f"{rows} outbox rows for {n} results, {pending} unpublished")
+    if outbox and (rows != n or pending or fenced != n):
+        problems.append(f"{rows} outbox rows for {n} results, {pending} unpublished, "
+                        f"{fenced} results fenced")
     if events:
         got = await drain_events(url, n)
         if len(got) != n:
