@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections.abc import AsyncIterator
 
@@ -13,8 +14,8 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from mlpipe.errors import TransientError
-from mlpipe.idempotency import Lease, LockManager
+from mlpipe.errors import Deferred, TransientError
+from mlpipe.idempotency import Lease, LockLost, LockManager
 from mlpipe.testing import wait_for
 from tests.conftest import REDIS_URL
 
@@ -408,3 +409,107 @@ async def test_unentered_lease_release_when_redis_down_is_transient(
     proxy.cut()
     with pytest.raises(TransientError):
         await lease.release()
+
+
+# --- 8. fencing tokens -------------------------------------------------------------------------
+
+
+async def test_each_lease_gets_a_higher_fencing_token(locks: LockManager, raw: aioredis.Redis,
+                                                      lock_prefix: str) -> None:
+    fences = []
+    for key in ("s", "s", "other", "s"):  # same key again, and other keys in between
+        lease = await locks.acquire("t", key, ttl_s=5)
+        assert lease is not None
+        fences.append(lease.fence)
+        assert await lease.release()
+    assert all(a < b for a, b in itertools.pairwise(fences)), fences
+    contended = await locks.acquire("t", "s", ttl_s=5)
+    assert contended is not None
+    assert await locks.acquire("t", "s", ttl_s=5) is None  # refused: no token handed out
+    assert await contended.release()
+    # Redis restarted without the counter (no persistence, or the last second of AOF lost):
+    # the clock floor keeps the next token above every earlier one
+    assert await raw.delete(f"{lock_prefix}fence") == 1
+    after_loss = await locks.acquire("t", "s", ttl_s=5)
+    assert after_loss is not None
+    assert after_loss.fence > contended.fence > fences[-1]
+    assert await after_loss.release()
+
+
+async def test_peek_is_read_with_the_lock_and_its_token(locks: LockManager,
+                                                        raw: aioredis.Redis) -> None:
+    await raw.set("peeked-key", b"parked", px=5000)
+    try:
+        lease = await locks.acquire("t", "p", ttl_s=5, peek="peeked-key")
+        assert lease is not None
+        assert lease.peeked == b"parked"
+        assert lease.fence > 0
+        assert await lease.release()
+        missing = await locks.acquire("t", "p", ttl_s=5, peek="no-such-key")
+        assert missing is not None
+        assert missing.peeked is None
+        assert missing.fence > lease.fence
+        assert await missing.release()
+    finally:
+        await raw.delete("peeked-key")
+
+
+# --- 9. a lost lease cancels the work it guards ------------------------------------------------
+
+
+async def test_lost_lease_cancels_the_guarded_block(locks: LockManager,
+                                                    raw: aioredis.Redis) -> None:
+    lease = await locks.acquire("t", "g", ttl_s=1.0)
+    assert lease is not None
+    started, reached_the_end = asyncio.Event(), []
+
+    async def guarded() -> None:
+        async with lease:
+            with lease.cancel_on_loss(retry_in_s=7):
+                started.set()
+                await asyncio.Event().wait()  # a paid call that would go on and on
+                reached_the_end.append(True)
+
+    task = asyncio.create_task(guarded())
+    await started.wait()
+    await raw.delete(lease.key)  # expired, or taken over
+    with pytest.raises(LockLost) as caught:
+        await asyncio.wait_for(task, timeout=2.0)  # noticed at the next renewal (ttl / 3)
+    assert (caught.value.reason, caught.value.delay_s) == ("lock_lost", 7)
+    assert isinstance(caught.value, Deferred)  # waits, without using up retries
+    assert reached_the_end == []
+    assert task.cancelling() == 0  # the cancellation was consumed, not left pending
+
+
+async def test_cancel_on_loss_leaves_other_outcomes_alone(locks: LockManager) -> None:
+    lease = await locks.acquire("t", "h", ttl_s=5)
+    assert lease is not None
+    async with lease:
+        with lease.cancel_on_loss(retry_in_s=1):  # finishes normally
+            await asyncio.sleep(0)
+        entered = asyncio.Event()
+
+        async def shut_down() -> None:
+            with lease.cancel_on_loss(retry_in_s=1):
+                entered.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(shut_down())
+        await entered.wait()
+        task.cancel()  # a shutdown's cancellation, not a lost lock
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert lease._lost_listeners == []
+    assert not lease.lost
+
+
+async def test_guarding_an_already_lost_lease_raises_at_once(locks: LockManager,
+                                                             raw: aioredis.Redis) -> None:
+    lease = await locks.acquire("t", "i", ttl_s=1.0)
+    assert lease is not None
+    async with lease:
+        await raw.delete(lease.key)
+        await asyncio.wait_for(lease.lost_event.wait(), timeout=2.0)
+        with pytest.raises(LockLost, match="before the guarded block started"), \
+                lease.cancel_on_loss(retry_in_s=1):
+            pytest.fail("the block must not run")

@@ -11,11 +11,20 @@ The order is what makes double-fires cheap and crashes harmless:
    raced a just-finished run sees its result): ack without running. ``forceRecompute`` skips
    this check;
 3. **budget** pre-flight: reserve the estimated cost or refuse;
-4. **handler** under its time limit, the lock renewed meanwhile;
+4. **handler** under its time limit, the lock renewed meanwhile. A lock lost while the
+   handler awaits cancels it (it would only spend more money on work that is no longer its
+   own) and the delivery is deferred: whether someone else took the lock over or Redis merely
+   forgot it, the deferred copy meets the lock and the stored-result check and is acked, or
+   runs, accordingly, without using up retries;
 5. **persist** result + cost entries + reservation release + outbox (result event, follow-up
    tasks) in one transaction, retried in-process for ``persist_retry_s`` so a Postgres blip
    does not throw away paid work; if it still fails, the result is **parked** in Redis and the
-   retry stores it instead of running the handler again (``parking.py``);
+   retry stores it instead of running the handler again (``parking.py``). The write carries
+   the lease's fencing token: a run that lost its lock without noticing in time (a stalled
+   event loop, a handler that would not be cancelled) is refused when a newer holder's result
+   is stored, and then stores, announces and charges nothing (``result.fenced``); its
+   delivery is acked, the newer holder's own delivery owns the work. The budget reservation
+   it took stays until it ages out of the window: that money was spent;
 6. **publish** the outbox (confirmed); a redelivery that finds the result stored does this too,
    so a crash between commit and publish delays an event but never loses it;
 7. release the lock; the caller acks.
@@ -41,6 +50,7 @@ from mlpipe.producer import Producer
 from mlpipe.settings import Settings
 from mlpipe.store import outbox, results
 from mlpipe.store.pool import UNAVAILABLE, unavailable_is_transient
+from mlpipe.store.results import FenceRefused
 from mlpipe.worker.process import run_handler
 from mlpipe.workflow import video
 from mlpipe.workflow.deadline import DeadlineProcessor
@@ -105,29 +115,49 @@ class EffectsExecutor:
             parked = self._find_parked(task, digest, ctx, lease.peeked)
             if parked is not None:  # paid for by an earlier delivery whose store failed
                 ctx.log.info("task.parked_result_stored", processing_ms=parked.processing_ms)
-                pending = await asyncio.shield(self._persist(
-                    task, parked.result, digest, parked.processing_ms, None, ctx.message_id))
+                try:
+                    pending = await asyncio.shield(self._persist(
+                        task, parked.result, digest, parked.processing_ms, None,
+                        ctx.message_id, lease.fence))
+                except FenceRefused as refused:
+                    return await self._refused(task, parked.result, refused, ctx)
                 await self._unpark(task)
                 await self._publish(pending)
                 return parked.result
             reservation = await self._budget.reserve(task, spec)
             started = time.monotonic()
             try:
-                result = await run_handler(task, spec, ctx, self._settings.handler_timeout_s)
+                with lease.cancel_on_loss(retry_in_s=min(ttl, MAX_DEFER_S)):
+                    result = await run_handler(task, spec, ctx, self._settings.handler_timeout_s)
             except BaseException:
                 await asyncio.shield(self._release_quietly(reservation))
                 raise
             elapsed_ms = int((time.monotonic() - started) * 1000)
             if lease.lost:
-                ctx.log.warning("task.lock_lost_during_run")
+                ctx.log.warning("task.lock_lost_during_run", fence=lease.fence)
             try:
                 pending = await asyncio.shield(self._persist(task, result, digest, elapsed_ms,
-                                                             reservation, ctx.message_id))
+                                                             reservation, ctx.message_id,
+                                                             lease.fence))
+            except FenceRefused as refused:
+                return await self._refused(task, result, refused, ctx)
             except BaseException:
                 await asyncio.shield(self._park(task, digest, result, elapsed_ms, ctx))
                 raise
             await self._publish(pending)
             return result
+
+    async def _refused(self, task: Task, result: HandlerResult, refused: FenceRefused,
+                       ctx: TaskContext) -> HandlerResult | None:
+        """The fence kept the stored row. Written under this very lease (an attempt that
+        committed but whose reply was lost): a success whose events may still be pending.
+        Written under a newer lease: the newer holder's result and event stand, this run
+        stores and announces nothing, and the delivery is acked (None: skipped)."""
+        if refused.stored_fence == refused.fence:
+            await self._flush(task)
+            return result
+        ctx.log.warning("result.fenced", fence=refused.fence, stored_fence=refused.stored_fence)
+        return None
 
     async def _nothing_to_do(self, task: Task, digest: str, ctx: TaskContext) -> bool:
         """Under the lock: is the work already covered (superseded by the video workflow, or
@@ -215,10 +245,11 @@ class EffectsExecutor:
             await self._parking.drop(task.task_type.value, task.share_id)
 
     async def _persist(self, task: Task, result: HandlerResult, digest: str, elapsed_ms: int,
-                       reservation: int | None, message_id: str | None
+                       reservation: int | None, message_id: str | None, fence: int
                        ) -> list[outbox.OutboxMessage]:
         """Store the result, its costs and its outbox rows in one transaction; returns the
-        outbox rows to publish once it committed."""
+        outbox rows to publish once it committed. ``FenceRefused`` when the stored row's
+        fencing token is not lower than ``fence`` (nothing written)."""
         pending: list[outbox.OutboxMessage] = []
         async with unavailable_is_transient("persisting the result"):
             async for attempt in AsyncRetrying(
@@ -233,21 +264,22 @@ class EffectsExecutor:
                             task, result, self._events_exchange, message_id)
                         pending = await results.save_with_event(
                             self._pool, task, result, input_hash=digest,
-                            processing_ms=elapsed_ms, exchange=exchange, routing_key=key,
-                            message_id=event_id, event=body)
+                            processing_ms=elapsed_ms, fence=fence, exchange=exchange,
+                            routing_key=key, message_id=event_id, event=body)
                     else:
                         pending = await self._persist_in_transaction(
-                            task, result, digest, elapsed_ms, reservation, message_id)
+                            task, result, digest, elapsed_ms, reservation, message_id, fence)
         return pending
 
     async def _persist_in_transaction(self, task: Task, result: HandlerResult, digest: str,
                                       elapsed_ms: int, reservation: int | None,
-                                      message_id: str | None) -> list[outbox.OutboxMessage]:
+                                      message_id: str | None, fence: int
+                                      ) -> list[outbox.OutboxMessage]:
         pending: list[outbox.OutboxMessage] = []
         async with self._pool.acquire() as conn, conn.transaction():
             await results.save(conn, task, result, input_hash=digest, processing_ms=elapsed_ms,
                                correlation_id=task.metadata.correlation_id,
-                               reservation_id=reservation)
+                               reservation_id=reservation, fence=fence)
             if self._relay is not None:
                 await video.on_result(conn, task, result, self._tasks_exchange)
                 pending = await add_completed(conn, task, result, self._events_exchange,

@@ -16,7 +16,19 @@ replicas run (one replica's start-up would free another's live lock), so instead
   the key has certainly expired whatever happened on the server;
 * release is compare-and-delete (Lua), so a worker whose lock already expired and was taken
   over can never free the new holder's lock. It runs even when the body raises or its task is
-  cancelled (SIGTERM), and a Redis outage at that point is only logged: the TTL frees the lock.
+  cancelled (SIGTERM), and a Redis outage at that point is only logged: the TTL frees the lock;
+* a lock can be lost without its holder knowing in time (an event loop stalled past the TTL, a
+  takeover noticed only at the next renewal), so every lease carries a **fencing token**
+  (``Lease.fence``), higher than that of any lease handed out before it, and whatever the
+  holder writes carries the token: the store refuses a write whose token is lower than the
+  one it already holds (``store/results.py``). The token is taken in the same script, and so
+  the same round trip, as the ``SET NX``: ``max(last token + 1, Redis TIME in µs)``, kept in
+  one counter key per prefix. The clock floor keeps tokens rising when Redis restarts without
+  the counter (no persistence, or the last second of an ``everysec`` AOF lost), which would
+  otherwise hand out tokens the store refuses for good; only a lost counter *and* a server
+  clock set back can break the order;
+* where the holder awaits, ``Lease.cancel_on_loss`` stops the guarded block as soon as the
+  loss is noticed, instead of letting it spend more money on work that is no longer its own.
 
 The caller chooses the TTL (the task type's expected runtime x 1.5): long enough that a few
 missed renewals do not drop a live lock, short enough that a crashed worker's lock frees soon.
@@ -31,6 +43,7 @@ import math
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -38,10 +51,23 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from mlpipe.errors import TransientError
+from mlpipe.errors import Deferred, TransientError
 
 log = structlog.get_logger(__name__)
 
+#: SET NX PX, then the fencing token (and the optional peek key) in the same call.
+#: KEYS: lock, fence counter[, peek]; ARGV: owner token, TTL in ms. Returns false when the
+#: lock is held, else {token[, peeked value]}. Lua numbers are doubles, exact up to 2^53:
+#: microseconds since 1970 fit until the year 2255.
+_ACQUIRE = """
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+local now = redis.call('time')
+local fence = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]),
+                       tonumber(redis.call('get', KEYS[2]) or '0') + 1)
+redis.call('set', KEYS[2], string.format('%.0f', fence))
+if KEYS[3] then return {fence, redis.call('get', KEYS[3])} end
+return {fence}
+"""
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -59,13 +85,23 @@ _UNAVAILABLE = (redis.exceptions.RedisError, OSError)
 _RELEASE_TIMEOUT_S = 5.0
 
 
+class LockLost(Deferred):
+    """The lease was lost while a block guarded by ``Lease.cancel_on_loss`` ran, and the block
+    was cancelled. Whoever holds the lock now (if anyone) owns the work: the delivery waits and
+    comes back, when the lock and the stored-result check tell what is left to do."""
+
+    reason = "lock_lost"
+
+
 class LockManager:
-    """Hands out leases on task locks. Holds only the client and the two scripts, registered
+    """Hands out leases on task locks. Holds only the client and the three scripts, registered
     once here so each call is an ``EVALSHA`` (redis-py reloads them after a Redis restart)."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "mlpipe:") -> None:
         self._redis = client
         self._prefix = prefix
+        self._fence_key = f"{prefix}fence"
+        self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
 
@@ -74,33 +110,28 @@ class LockManager:
 
     async def acquire(self, task_type: str, share_id: str, *, ttl_s: float,
                       tag: str = "", peek: str | None = None) -> Lease | None:
-        """Take the lock, or return None when someone else holds it. A Redis outage is a
-        ``TransientError``: the delivery is retried later rather than run unguarded. The
-        lease is not renewed until it is entered with ``async with``. ``peek`` names a key
-        the caller wants read in the same round trip (``Lease.peeked``)."""
+        """Take the lock with a fresh fencing token, or return None when someone else holds
+        it. A Redis outage is a ``TransientError``: the delivery is retried later rather than
+        run unguarded. The lease is not renewed until it is entered with ``async with``.
+        ``peek`` names a key the caller wants read in the same round trip (``Lease.peeked``)."""
         if not ttl_s > 0:
             raise ValueError(f"lock TTL must be positive, got {ttl_s}")
         key = self.key(task_type, share_id)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}:{tag}"
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
-        peeked: bytes | None = None
+        keys = [key, self._fence_key] if peek is None else [key, self._fence_key, peek]
         try:
-            if peek is None:
-                ok = await self._redis.set(key, token, nx=True, px=ttl_ms)
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, token, nx=True, px=ttl_ms)
-                    pipe.get(peek)
-                    ok, peeked = await pipe.execute()
+            reply = await self._acquire(keys=keys, args=[token, ttl_ms])
         except _UNAVAILABLE as exc:
             # If the SET did land before the connection broke, nobody owns it: the TTL frees it.
             raise TransientError(f"Redis unavailable taking lock {key}: {exc}",
                                  reason="redis_unavailable") from exc
-        if not ok:
+        if not reply:
             return None
-        lease = Lease(self, key, token, ttl_ms / 1000,
+        lease = Lease(self, key, token, ttl_ms / 1000, fence=int(reply[0]),
                       confirmed_at=asyncio.get_running_loop().time())
-        lease.peeked = peeked
+        if len(reply) > 1:
+            lease.peeked = reply[1]
         return lease
 
     async def holder(self, task_type: str, share_id: str) -> str | None:
@@ -117,13 +148,17 @@ class Lease:
     even when the body raises or is cancelled. A lease is entered at most once."""
 
     def __init__(self, manager: LockManager, key: str, token: str, ttl_s: float, *,
-                 confirmed_at: float) -> None:
+                 confirmed_at: float, fence: int = 0) -> None:
         self._m = manager
         self.key = key
         self.token = token
         self.ttl_s = ttl_s
+        #: The fencing token: higher than that of every lease handed out before this one.
+        self.fence = fence
         #: Set once the lock is gone (taken over, deleted, or unrenewed for a whole TTL).
         self.lost_event = asyncio.Event()
+        #: Called (synchronously) when the loss is noticed: ``cancel_on_loss`` listens here.
+        self._lost_listeners: list[Callable[[], None]] = []
         # Loop time at which Redis last confirmed our TTL; the key cannot outlive it by more
         # than one TTL, which is what makes "lost after an outage" a certainty, not a guess.
         self._confirmed_at = confirmed_at
@@ -135,6 +170,14 @@ class Lease:
     @property
     def lost(self) -> bool:
         return self.lost_event.is_set()
+
+    def cancel_on_loss(self, *, retry_in_s: float) -> CancelOnLoss:
+        """``with lease.cancel_on_loss(retry_in_s=...):`` inside a task: when the lease is lost
+        while the block runs, cancel the block and raise ``LockLost`` (a ``Deferred`` of
+        ``retry_in_s``) where it was. Like ``asyncio.timeout``: a cancellation from elsewhere
+        (shutdown) stays a ``CancelledError``, and a block that swallows the cancellation and
+        returns is left to the fencing token. Entering after the loss raises at once."""
+        return CancelOnLoss(self, retry_in_s)
 
     async def __aenter__(self) -> Self:
         if self._entered:
@@ -212,8 +255,47 @@ class Lease:
             next_at = self._confirmed_at + interval
 
     def _mark_lost(self, why: str) -> None:
-        log.warning("lock.lost", key=self.key, why=why)
+        log.warning("lock.lost", key=self.key, why=why, fence=self.fence)
         self.lost_event.set()
+        for listener in list(self._lost_listeners):
+            listener()
+
+
+class CancelOnLoss:
+    """The context manager of ``Lease.cancel_on_loss``."""
+
+    __slots__ = ("_cancelling", "_fired", "_lease", "_retry_in_s", "_task")
+
+    def __init__(self, lease: Lease, retry_in_s: float) -> None:
+        self._lease = lease
+        self._retry_in_s = retry_in_s
+        self._fired = False
+
+    def __enter__(self) -> CancelOnLoss:
+        if self._lease.lost:
+            raise self._lock_lost("before the guarded block started")
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("cancel_on_loss() must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._lease._lost_listeners.append(self._fire)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._lease._lost_listeners.remove(self._fire)
+        if (self._fired and self._task.uncancel() <= self._cancelling
+                and et is asyncio.CancelledError):
+            raise self._lock_lost("while the guarded block ran; it was cancelled") from e
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def _lock_lost(self, when: str) -> LockLost:
+        return LockLost(f"lock {self._lease.key} (fence {self._lease.fence}) lost {when}",
+                        delay_s=self._retry_in_s)
 
 
 #: The name the design notes use for a held task lock.

@@ -32,9 +32,11 @@ async def add(conn: DB, *, share_id: str, task_type: str, kind: str, exchange: s
 COLUMNS = "id, exchange, routing_key, message_id, body, headers, kind"
 #: Closes a statement whose CTE ``new`` inserted an outbox row for share ``$1`` and task type
 #: ``$2``: every row still unpublished for them, the new one included (a statement does not
-#: see its own CTE's inserts), oldest first.
+#: see its own CTE's inserts), oldest first; nothing at all when ``new`` inserted nothing (a
+#: result refused by its fence queues no event, and must not publish anyone else's).
 PENDING_WITH_NEW = (f"SELECT {COLUMNS} FROM ml_outbox WHERE share_id = $1 AND task_type = $2 "
-                    "AND published_at IS NULL UNION ALL SELECT * FROM new ORDER BY id")
+                    "AND published_at IS NULL AND EXISTS (SELECT FROM new) "
+                    "UNION ALL SELECT * FROM new ORDER BY id")
 
 
 async def add_then_pending(conn: DB, *, share_id: str, task_type: str, kind: str,

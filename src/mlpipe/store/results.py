@@ -4,6 +4,12 @@ A delivery whose input hash matches the stored row is acked without running the 
 different input (edited content) or ``forceRecompute`` runs again and the upsert replaces the
 row. The result, its cost entries and the release of its budget reservation are written in one
 transaction, and the message is acked only after it committed.
+
+Each write carries the fencing token of the lease it was computed under (``fence``, see
+``idempotency/lock.py``), and the upsert replaces only a row with a lower token: a worker whose
+lease was lost cannot overwrite the newer holder's result. A refused write raises
+``FenceRefused`` before anything else of it (costs, outbox rows, reservation release) is
+written.
 """
 
 from __future__ import annotations
@@ -11,33 +17,50 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from mlpipe.contract.models import Task
+from mlpipe.errors import MlpipeError
 from mlpipe.handlers import HandlerResult
 from mlpipe.store import outbox
 from mlpipe.store.pool import DB
 
 _UPSERT = """
 INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
-                        processing_ms, cost_usd)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+                        processing_ms, cost_usd, fence)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (share_id, task_type) DO UPDATE SET
     input_hash = EXCLUDED.input_hash, result_data = EXCLUDED.result_data,
     model_version = EXCLUDED.model_version, processing_ms = EXCLUDED.processing_ms,
-    cost_usd = EXCLUDED.cost_usd, updated_at = now()
+    cost_usd = EXCLUDED.cost_usd, fence = EXCLUDED.fence, updated_at = now()
+WHERE ml_results.fence < EXCLUDED.fence
 """
 #: The result and its ``completed`` event in one statement (one round trip, atomic without an
 #: explicit transaction), returning every outbox row still unpublished for the share and task
-#: type, the new one included, oldest first.
+#: type, the new one included, oldest first; no row at all when the fence refused the result.
 _UPSERT_WITH_EVENT = """
 WITH result AS (""" + _UPSERT.strip() + """
      RETURNING 1),
 new AS (
     INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id, body,
                            headers)
-    SELECT $1, $2, 'event', $8, $9, $10, $11, '{}'::jsonb FROM result
+    SELECT $1, $2, 'event', $9, $10, $11, $12, '{}'::jsonb FROM result
     RETURNING """ + outbox.COLUMNS + ") " + outbox.PENDING_WITH_NEW
+
+
+class FenceRefused(MlpipeError):
+    """The stored row was written under a lease at least as new as this write's: the write was
+    refused, and nothing of it was stored. ``stored_fence == fence`` means this very lease
+    wrote the row already (an earlier attempt committed but its reply was lost)."""
+
+    reason = "fenced"
+
+    def __init__(self, share_id: str, task_type: str, fence: int,
+                 stored_fence: int | None) -> None:
+        super().__init__(f"{task_type} for {share_id}: stored result has fence {stored_fence}, "
+                         f"this write {fence}")
+        self.fence = fence
+        self.stored_fence = stored_fence
 
 
 @dataclass(frozen=True)
@@ -69,13 +92,16 @@ async def get(conn: DB, share_id: str,
 
 async def save(conn: DB, task: Task, result: HandlerResult, *,
                input_hash: str, processing_ms: int, correlation_id: str | None,
-               reservation_id: int | None) -> None:
-    """Upsert the result and record its costs; call inside a transaction."""
+               reservation_id: int | None, fence: int) -> None:
+    """Upsert the result and record its costs; call inside a transaction. Raises
+    ``FenceRefused`` (having written nothing) when the stored row's fence is not lower."""
     total = sum((c.usd for c in result.costs), start=0)
-    await conn.execute(
+    status = await conn.execute(
         _UPSERT,
         task.share_id, task.task_type.value, input_hash, result.data, result.model_version,
-        processing_ms, total)
+        processing_ms, total, fence)
+    if status.endswith(" 0"):  # "INSERT 0 0": the conflicting row kept, nothing written
+        await _refused(conn, task, fence)
     if result.costs:
         await conn.executemany(
             "INSERT INTO ml_costs (task_type, model, units, unit_kind, usd, share_id, "
@@ -87,15 +113,27 @@ async def save(conn: DB, task: Task, result: HandlerResult, *,
 
 
 async def save_with_event(conn: DB, task: Task, result: HandlerResult, *, input_hash: str,
-                          processing_ms: int, exchange: str, routing_key: str,
+                          processing_ms: int, fence: int, exchange: str, routing_key: str,
                           message_id: str, event: dict[str, Any]
                           ) -> list[outbox.OutboxMessage]:
     """``save`` plus the result's ``completed`` event for a result with no cost entries and
     no reservation (the common case): one statement instead of a four-round-trip
-    transaction. Returns what the outbox holds for the share and task type."""
+    transaction. Returns what the outbox holds for the share and task type; raises
+    ``FenceRefused`` (the event not queued, nothing pending returned) like ``save``."""
     if result.costs:
         raise ValueError("save_with_event is for results without cost entries")
     rows = await conn.fetch(
         _UPSERT_WITH_EVENT, task.share_id, task.task_type.value, input_hash, result.data,
-        result.model_version, processing_ms, 0, exchange, routing_key, message_id, event)
+        result.model_version, processing_ms, 0, fence, exchange, routing_key, message_id, event)
+    if not rows:  # a stored result always returns at least its own new outbox row
+        await _refused(conn, task, fence)
     return [outbox.OutboxMessage(**dict(r)) for r in rows]
+
+
+async def _refused(conn: DB, task: Task, fence: int) -> NoReturn:
+    """Only on a refusal: one more read, for the log line and the caller's decision."""
+    stored = await conn.fetchval(
+        "SELECT fence FROM ml_results WHERE share_id = $1 AND task_type = $2",
+        task.share_id, task.task_type.value)
+    raise FenceRefused(task.share_id, task.task_type.value, fence,
+                       None if stored is None else int(stored))
