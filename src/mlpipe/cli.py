@@ -235,9 +235,16 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    from mlpipe.store.migrate import migrate
+    from mlpipe.store.migrate import check, migrate
 
     settings = _settings(args)
+    if args.check:
+        status = await check(settings.database_url, schema=settings.database_schema)
+        print(json.dumps({"schema": status.schema, "ok": status.ok, "missing": status.missing,
+                          "changed": status.changed, "unknown": status.unknown}))
+        if not status.ok:
+            print(f"mlpipe: {status.problem()}", file=sys.stderr)
+        return EXIT_OK if status.ok else EXIT_ERROR
     applied = await migrate(settings.database_url, schema=settings.database_schema)
     print(json.dumps({"applied": applied, "schema": settings.database_schema}))
     return EXIT_OK
@@ -389,7 +396,11 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--limit", type=int, default=10_000)
     dr.add_argument("--dry-run", action="store_true")
 
-    add("migrate", cmd_migrate, "apply pending SQL migrations (safe to run from many replicas)")
+    mi = add("migrate", cmd_migrate,
+             "apply pending SQL migrations (safe to run from many replicas)")
+    mi.add_argument("--check", action="store_true",
+                    help="apply nothing; exit 1 naming the migrations the schema lacks or "
+                         "that changed since they were applied")
     co = add("costs", cmd_costs, "spend by task type and model, and budget status")
     co.add_argument("--window", default="1 day", help="a Postgres interval, e.g. '7 days'")
     co.add_argument("--json", action="store_true")

@@ -1,7 +1,8 @@
 """Migrations against the real pgvector Postgres: idempotence, concurrent runners in separate
 processes (same schema, and several schemas of a database that has no ``vector`` yet), refusal
-of an edited history, rollback of a failing file, and that the vector column and its HNSW
-index actually work."""
+of an edited history, rollback of a failing file, that the vector column and its HNSW index
+actually work, and that ``migrate --check`` and the daemon's start-up refuse a partly migrated
+or edited schema."""
 
 # The fixtures are imported by name so that they override conftest's; pyflakes then sees each
 # test parameter as redefining the import.
@@ -14,6 +15,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +23,7 @@ import pytest
 
 from mlpipe.store.migrate import ADVISORY_KEY, MigrationError, migrate
 from tests.integration.pgfixtures import pg_dsn, pg_fresh_db, pg_schema  # noqa: F401
+from tests.integration.test_cli import mlpipe
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL = sorted(p.stem for p in (ROOT / "sql").glob("*.sql"))
@@ -201,5 +204,108 @@ async def test_hnsw_index_serves_384_dim_queries(pg_dsn: str, pg_schema: str) ->
             "ORDER BY embedding::vector(384) <=> $1::text::vector(384) LIMIT 2",
             json.dumps([1.0] * 384)))
         assert "ml_embeddings_minilm_hnsw" in plan, plan
+    finally:
+        await conn.close()
+
+
+# --- partial and changed schemas: `migrate --check` and the daemon's start-up -----------------
+
+
+def first_migrations(tmp_path: Path, count: int) -> Path:
+    """A migrations directory holding only the first ``count`` files."""
+    sql_dir = tmp_path / f"sql_{count}"
+    sql_dir.mkdir()
+    for name in ALL[:count]:
+        shutil.copy(ROOT / "sql" / f"{name}.sql", sql_dir)
+    return sql_dir
+
+
+def schema_env(dsn: str, schema: str) -> dict[str, str]:
+    # no broker: the schema check must come before anything needs one
+    return {"MLPIPE_DATABASE_URL": dsn, "MLPIPE_DATABASE_SCHEMA": schema,
+            "MLPIPE_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/unused"}
+
+
+async def test_consume_refuses_a_partly_migrated_schema(
+        pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    """Only ``ml_results`` and the cost tables exist: the daemon used to start and fail on the
+    first embed task. Now it exits at once, naming what is missing."""
+    assert await migrate(pg_dsn, first_migrations(tmp_path, 2), schema=pg_schema) == ALL[:2]
+    started = time.monotonic()
+    code, _, err = await mlpipe("consume", "--queues", "summarize,embed",
+                                env=schema_env(pg_dsn, pg_schema))
+    elapsed = time.monotonic() - started
+    assert code == 1, err
+    assert elapsed < 30
+    assert f"lacks migration(s) {', '.join(ALL[2:])}" in err, err
+    assert "run `mlpipe migrate`" in err
+
+
+async def test_migrate_check_names_missing_and_changed_migrations(
+        pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    env = schema_env(pg_dsn, pg_schema)
+
+    async def check() -> tuple[int, dict[str, object], str]:
+        code, out, err = await mlpipe("migrate", "--check", env=env)
+        return code, json.loads(out), err
+
+    code, report, err = await check()  # nothing applied yet, and --check applies nothing
+    assert (code, report["missing"]) == (1, ALL), err
+    assert "mlpipe_migrations" not in await tables_in(pg_dsn, pg_schema)
+
+    await migrate(pg_dsn, first_migrations(tmp_path, 2), schema=pg_schema)
+    code, report, err = await check()
+    assert (code, report["ok"], report["missing"], report["changed"]) == (1, False, ALL[2:], [])
+    assert ", ".join(ALL[2:]) in err
+
+    await migrate(pg_dsn, schema=pg_schema)
+    code, report, err = await check()
+    assert (code, report) == (0, {"schema": pg_schema, "ok": True, "missing": [],
+                                  "changed": [], "unknown": []}), err
+
+    conn = await connect(pg_dsn, pg_schema)
+    try:  # as if the file had been edited after it was applied
+        await conn.execute("UPDATE mlpipe_migrations SET checksum = 'edited' WHERE name = $1",
+                           ALL[0])
+    finally:
+        await conn.close()
+    code, report, err = await check()
+    assert (code, report["missing"], report["changed"]) == (1, [], [ALL[0]]), err
+    assert f"{ALL[0]} in schema '{pg_schema}' changed after they were applied" in err
+
+
+async def test_start_up_refuses_a_changed_migration_and_tolerates_a_newer_one(
+        pg_dsn: str, pg_schema: str) -> None:
+    from mlpipe.effects import Effects
+    from mlpipe.settings import Settings
+    from tests.conftest import REDIS_URL
+
+    await migrate(pg_dsn, schema=pg_schema)
+    settings = Settings(database_url=pg_dsn, database_schema=pg_schema, redis_url=REDIS_URL)
+    conn = await connect(pg_dsn, pg_schema)
+    try:
+        # a newer release migrated first (a rolling deploy): reported, not refused
+        await conn.execute("INSERT INTO mlpipe_migrations (version, name, checksum) "
+                           "VALUES ('9999', '9999_from_a_newer_release', 'x')")
+        effects = await Effects(settings).start()
+        await effects.close()
+        await conn.execute("UPDATE mlpipe_migrations SET checksum = 'edited' WHERE name = $1",
+                           ALL[-1])
+    finally:
+        await conn.close()
+    with pytest.raises(MigrationError, match=rf"{ALL[-1]} .*changed after they were applied"):
+        await Effects(settings).start()
+
+
+async def test_fencing_migration_gives_existing_results_token_0(
+        pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    before = ALL.index("0006_fencing")
+    await migrate(pg_dsn, first_migrations(tmp_path, before), schema=pg_schema)
+    conn = await connect(pg_dsn, pg_schema)
+    try:
+        await conn.execute("INSERT INTO ml_results (share_id, task_type, result_data) "
+                           "VALUES ('old', 'summarize_llm', '{}')")
+        assert await migrate(pg_dsn, schema=pg_schema) == ALL[before:]
+        assert await conn.fetchval("SELECT fence FROM ml_results WHERE share_id = 'old'") == 0
     finally:
         await conn.close()

@@ -19,9 +19,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from mlpipe.errors import MlpipeError
 from mlpipe.idempotency.lock import LockManager
 from mlpipe.settings import Settings
+from mlpipe.store.migrate import MigrationError, inspect_schema
 from mlpipe.store.pool import UNAVAILABLE, create_pool
 
 from .budget import BudgetGuard
@@ -85,15 +85,15 @@ class Effects:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _check_schema(self) -> None:
-        """Fail at start-up, not on the first delivery, when the schema was never migrated."""
+        """Fail at start-up, not on the first delivery that needs a missing table or column,
+        when the schema lacks a migration or one changed since it was applied."""
         assert self.pool is not None
-        found = await self.pool.fetchval(
-            "SELECT to_regclass(quote_ident($1) || '.ml_results') IS NOT NULL",
-            self._settings.database_schema)
-        if not found:
-            raise MlpipeError(
-                f"schema {self._settings.database_schema!r} of MLPIPE_DATABASE_URL has no mlpipe "
-                "tables: run `mlpipe migrate` first")
+        status = await inspect_schema(self.pool, self._settings.database_schema)
+        if not status.ok:
+            raise MigrationError(status.problem())
+        if status.unknown:
+            log.warning("effects.schema_newer_than_release", schema=status.schema,
+                        migrations=status.unknown)
 
     async def check_redis(self) -> None:
         """Readiness: Redis answers."""

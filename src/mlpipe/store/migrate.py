@@ -13,18 +13,26 @@ of a database removes that race.
 A file's SQL is sent in one simple-protocol round trip inside the transaction, so it may hold
 several statements but not ``BEGIN``/``COMMIT`` or anything that refuses to run in a
 transaction block (``CREATE INDEX CONCURRENTLY``, ``ALTER TYPE ... ADD VALUE`` before PG 12).
+
+``inspect_schema`` compares a schema with the files without changing anything: what is
+missing, and what changed since it was applied. The daemon refuses to start unless both are
+empty (a half migrated schema would fail later, on the first task that needs a missing table
+or column), and ``mlpipe migrate --check`` reports it. Migrations applied to the schema that
+this release has no file for are a newer release's (a rolling deploy migrates before the old
+replicas are gone): reported, not refused, since migrations only add.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncpg
 
 from mlpipe.errors import MlpipeError
+from mlpipe.store.pool import DB
 
 #: Arbitrary but fixed: ``pg_advisory_lock`` key shared by every mlpipe migrator.
 ADVISORY_KEY = 0x6D6C70697065  # "mlpipe"
@@ -44,6 +52,35 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """How a schema's applied migrations compare with the migration files (names)."""
+
+    schema: str
+    #: Files not applied to the schema yet.
+    missing: list[str]
+    #: Applied, but the file's checksum is not the one recorded then.
+    changed: list[str]
+    #: Applied, with no file here: a newer release's.
+    unknown: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.changed)
+
+    def problem(self) -> str:
+        """What is wrong and what to do, one sentence per kind; empty when ``ok``."""
+        parts = []
+        if self.missing:
+            parts.append(f"schema {self.schema!r} lacks migration(s) {', '.join(self.missing)}: "
+                         "run `mlpipe migrate` first")
+        if self.changed:
+            parts.append(f"migration(s) {', '.join(self.changed)} in schema {self.schema!r} "
+                         "changed after they were applied; add a new migration instead of "
+                         "editing an applied one")
+        return "; ".join(parts)
 
 
 def default_sql_dir() -> Path:
@@ -95,6 +132,43 @@ async def migrate(dsn: str, sql_dir: Path | None = None, *,
         await conn.close()
 
 
+async def check(dsn: str, sql_dir: Path | None = None, *,
+                schema: str | None = None) -> SchemaStatus:
+    """``inspect_schema`` on a connection of its own (``mlpipe migrate --check``)."""
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": "mlpipe-migrate"})
+    try:
+        return await inspect_schema(conn, schema or "public", load(sql_dir or default_sql_dir()))
+    finally:
+        await conn.close()
+
+
+async def inspect_schema(conn: DB, schema: str,
+                         migrations: list[Migration] | None = None) -> SchemaStatus:
+    """Compare ``schema`` with ``migrations`` (default: the files of ``default_sql_dir()``),
+    read-only. A schema without the bookkeeping table lacks every migration."""
+    if migrations is None:
+        migrations = load(default_sql_dir())
+    table = f"{_quote(schema)}.mlpipe_migrations"
+    applied: dict[str, tuple[str, str]] = {}
+    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+        applied = {r["version"]: (r["name"], r["checksum"]) for r in await conn.fetch(
+            f"SELECT version, name, checksum FROM {table}")}
+    return _compare(schema, migrations, applied)
+
+
+def _compare(schema: str, migrations: list[Migration],
+             applied: dict[str, tuple[str, str]]) -> SchemaStatus:
+    """``applied``: version -> (name, checksum) as recorded in ``mlpipe_migrations``."""
+    known = {m.version for m in migrations}
+    return SchemaStatus(
+        schema,
+        missing=[m.name for m in migrations if m.version not in applied],
+        changed=[m.name for m in migrations
+                 if m.version in applied and applied[m.version][1] != m.checksum],
+        unknown=[name for version, (name, _) in sorted(applied.items())
+                 if version not in known])
+
+
 async def _apply(conn: asyncpg.Connection, migrations: list[Migration],
                  schema: str) -> list[str]:
     ident = _quote(schema)
@@ -105,16 +179,13 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration],
         """CREATE TABLE IF NOT EXISTS mlpipe_migrations (
                version text PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
                applied_at timestamptz NOT NULL DEFAULT now())""")
-    applied = {r["version"]: r["checksum"] for r in await conn.fetch(
-        "SELECT version, checksum FROM mlpipe_migrations")}
+    applied = {r["version"]: (r["name"], r["checksum"]) for r in await conn.fetch(
+        "SELECT version, name, checksum FROM mlpipe_migrations")}
     # Check every applied file before running any pending one, so an edited history stops
     # the run with nothing changed rather than half-way.
-    changed = [m.name for m in migrations
-               if m.version in applied and applied[m.version] != m.checksum]
-    if changed:
-        raise MigrationError(
-            f"migration(s) {', '.join(changed)} in schema {schema} changed after they were "
-            "applied; add a new migration instead of editing an applied one")
+    status = _compare(schema, migrations, applied)
+    if status.changed:  # the missing ones are what this run is for, not a problem
+        raise MigrationError(replace(status, missing=[]).problem())
     done: list[str] = []
     for m in migrations:
         if m.version in applied:
