@@ -19,8 +19,8 @@ system-deps:
 	bash scripts/system-deps
 
 .data/models/.installed: .venv/.installed | system-deps
-	$(PY) -m consumers.transcribe.models
-	$(PY) -m consumers.embed.models install $(MLPIPE_EMBEDDING_MODEL_DIR)
+	$(PY) -m consumers.transcribe.weights
+	$(PY) -m consumers.embed.weights install $(MLPIPE_EMBEDDING_MODEL_DIR)
 	mkdir -p .data/models && touch $@
 
 .venv/.installed: pyproject.toml | system-deps

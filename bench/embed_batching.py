@@ -42,7 +42,7 @@ from pydantic import SecretStr
 
 from bench import broker
 from consumers.embed import API_BATCHER, LOCAL_BATCHER, register
-from consumers.embed.models import install
+from consumers.embed.weights import install
 from mlpipe.broker.topology import Topology, declare
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.effects import Effects

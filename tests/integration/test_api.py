@@ -30,10 +30,10 @@ import pytest
 import schemathesis
 from pgvector.asyncpg import register_vector
 
-from consumers.embed.local import MODEL_NAME, LocalEmbedder
 from mlpipe.api import ApiConfig, ApiConfigError, ApiServer
 from mlpipe.api import cursor as api_cursor
 from mlpipe.api.models import CostsQuery, SearchQuery, SharePath, SimilarQuery
+from mlpipe.embedding.local import MODEL_NAME, LocalEmbedder
 from mlpipe.search import MAX_LIMIT, VectorLike, search
 from mlpipe.settings import Budget
 from mlpipe.store.migrate import migrate

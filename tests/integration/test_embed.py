@@ -23,20 +23,20 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from consumers._api import token_cost
 from consumers.embed import LOCAL_BATCHER, register
-from consumers.embed.backend import BatchOutput, Vector
-from consumers.embed.batcher import Batcher
 from consumers.embed.chunking import Chunk
 from consumers.embed.cli import build_parser, run_search
 from consumers.embed.handler import api_model
-from consumers.embed.local import MODEL_NAME, LocalEmbedder
-from consumers.embed.searcher import Searcher
 from consumers.embed.store import ChunkStore
+from mlpipe.backends import token_cost
 from mlpipe.broker.topology import Topology
 from mlpipe.contract.models import EmbeddingType, EmbedOptions, Task, TaskType, build_task
 from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects
+from mlpipe.embedding.backend import BatchOutput, Vector
+from mlpipe.embedding.batcher import Batcher
+from mlpipe.embedding.local import MODEL_NAME, LocalEmbedder
+from mlpipe.embedding.searcher import Searcher
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.handlers import HandlerResult, Registry, TaskContext
 from mlpipe.producer import Producer

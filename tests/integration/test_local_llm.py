@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumers._api import api_available, backend_for, prices, self_hosted
+from mlpipe.backends import api_available, backend_for, prices, self_hosted
 from mlpipe.contract.models import Backend, TaskType, build_task
 from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects

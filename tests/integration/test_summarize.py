@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumers._api import token_cost
 from consumers.summarize import register
+from mlpipe.backends import token_cost
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects

@@ -94,7 +94,7 @@ class Stack:
         return await search(self.effects.pool, query, embedder=embed, share_id=share, limit=20)
 
     def embedder(self) -> Any:
-        from consumers.embed.local import MODEL_NAME, LocalEmbedder
+        from mlpipe.embedding.local import MODEL_NAME, LocalEmbedder
 
         local = LocalEmbedder(self.settings.embedding_model_dir)
 

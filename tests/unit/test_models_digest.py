@@ -1,6 +1,6 @@
 """The offline model files are accepted only with their pinned sha256 digests: the Whisper
-base directory assembled at ``make setup`` (``consumers.transcribe.models``) and the MiniLM
-directory (``consumers.embed.models``), through the one shared check
+base directory assembled at ``make setup`` (``consumers.transcribe.weights``) and the MiniLM
+directory (``consumers.embed.weights``), through the one shared check
 (``consumers._modelfiles``).
 
 A tampered install is made the way it would look for real: copies of the model packages,
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from consumers._modelfiles import DigestMismatch, sha256_file
-from consumers.embed import models as embed_models
-from consumers.transcribe.models import (
+from consumers.embed import weights as embed_models
+from consumers.transcribe.weights import (
     PART_PACKAGES,
     PINNED,
     ModelPackagesMissing,
@@ -123,7 +123,7 @@ def test_setup_command_fails_on_a_tampered_part(tmp_path: Path,
     site = tampered_site(tmp_path, PART_PACKAGES, "model.bin.part2", monkeypatch)
     dest = tmp_path / "whisper-base"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    run = subprocess.run([sys.executable, "-m", "consumers.transcribe.models", str(dest)],
+    run = subprocess.run([sys.executable, "-m", "consumers.transcribe.weights", str(dest)],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout
     assert run.stderr.startswith("error: Whisper model.bin made from "), run.stderr

@@ -9,8 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from consumers._api import token_cost
-from consumers.summarize import api, extractive, local
+from consumers.summarize import extractive, local, remote
 from consumers.summarize.handlers import DEFAULT_MAX_LENGTH, register
 from consumers.summarize.preflight import (
     check_content,
@@ -28,6 +27,7 @@ from consumers.summarize.tokens import (
     encoding_name_for,
     load_encoding,
 )
+from mlpipe.backends import token_cost
 from mlpipe.contract.models import (
     SummarizePayload,
     SummarizeVideoCombinedPayload,
@@ -245,20 +245,20 @@ def test_video_source_checks_transcript_and_caption_together() -> None:
 def test_api_plan_fits_the_context_and_refuses_an_impossible_max_length(
         tokenizer: TiktokenTokenizer) -> None:
     source = article_source(SummarizePayload.model_validate({"content": {"text": ARTICLE}}))
-    request = api.plan(source, "gpt-4o-mini", 120, tokenizer)
+    request = remote.plan(source, "gpt-4o-mini", 120, tokenizer)
     assert not request.truncated
     assert ARTICLE in str(request.messages[1]["content"])
     assert request.prompt_tokens == prompt_tokens(request.messages, tokenizer)
     assert request.estimated_cost() == token_cost("gpt-4o-mini", request.prompt_tokens, 120)
     with pytest.raises(PermanentError) as exc:
-        api.plan(source, "my-local-llama", 8_000, tokenizer)
+        remote.plan(source, "my-local-llama", 8_000, tokenizer)
     assert reason_of(exc) == "max_length_too_large"
 
 
 def test_long_input_is_truncated_to_the_model_context(tokenizer: TiktokenTokenizer) -> None:
     """An unknown (self-hosted) model gets the conservative 8k context."""
     source = Source(body=(ARTICLE + "\n\n") * 40, kind="article")
-    request = api.plan(source, "my-local-llama", 512, tokenizer)
+    request = remote.plan(source, "my-local-llama", 512, tokenizer)
     assert request.truncated
     assert request.prompt_tokens + 512 <= DEFAULT_CONTEXT_WINDOW
     assert request.prompt_tokens > DEFAULT_CONTEXT_WINDOW - 512 - 200  # little wasted
@@ -267,12 +267,12 @@ def test_long_input_is_truncated_to_the_model_context(tokenizer: TiktokenTokeniz
 def test_estimate_matches_the_plan_and_caps_long_inputs_at_the_context(
         tokenizer: TiktokenTokenizer) -> None:
     short = Source(body=ARTICLE, kind="article")
-    assert (api.estimate(short, "gpt-4o-mini", 200, tokenizer)
-            == api.plan(short, "gpt-4o-mini", 200, tokenizer).estimated_cost())
+    assert (remote.estimate(short, "gpt-4o-mini", 200, tokenizer)
+            == remote.plan(short, "gpt-4o-mini", 200, tokenizer).estimated_cost())
     long = Source(body=(ARTICLE + "\n\n") * 500, kind="article")  # ~140k tokens
-    request = api.plan(long, "gpt-4o-mini", 200, tokenizer)
+    request = remote.plan(long, "gpt-4o-mini", 200, tokenizer)
     assert request.truncated
-    estimated = api.estimate(long, "gpt-4o-mini", 200, tokenizer)
+    estimated = remote.estimate(long, "gpt-4o-mini", 200, tokenizer)
     assert request.estimated_cost() <= estimated
     assert estimated == token_cost("gpt-4o-mini", 128_000 - 200, 200)
     assert 128_000 - 200 - request.prompt_tokens < 300  # the plan uses nearly all of it
@@ -354,7 +354,7 @@ def test_estimate_is_prompt_plus_max_answer_for_the_api_and_zero_offline(
     estimate = _estimator(paid, TaskType.SUMMARIZE_LLM)
     assert callable(estimate)
     source = article_source(task.payload)  # type: ignore[arg-type]
-    request = api.plan(source, "gpt-4o-mini", DEFAULT_MAX_LENGTH, tokenizer)
+    request = remote.plan(source, "gpt-4o-mini", DEFAULT_MAX_LENGTH, tokenizer)
     expected = token_cost("gpt-4o-mini", request.prompt_tokens, DEFAULT_MAX_LENGTH)
     assert estimate(task) == expected > 0
     # the whole article plus the instructions and chat framing

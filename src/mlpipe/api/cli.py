@@ -2,13 +2,12 @@
 arguments).
 
 Query texts must be embedded with the model the stored vectors were made with, chosen as the
-embed handler chooses it: the OpenAI-compatible API when ``MLPIPE_OPENAI_API_KEY`` is set
-(``--backend`` overrides), else the local all-MiniLM-L6-v2 from
-``MLPIPE_EMBEDDING_MODEL_DIR``, which works offline. Concurrent requests share one
-micro-batching ``Batcher``, as the embed handler does, so the local model runs one inference
-at a time. The local model is
-loaded before the port opens: a missing model is a start-up error, not a 503 on the first
-search.
+embed handler chooses it: the OpenAI-compatible API when ``MLPIPE_OPENAI_API_KEY`` or a
+self-hosted server's ``MLPIPE_OPENAI_BASE_URL`` is set (``--backend`` overrides), else the
+local all-MiniLM-L6-v2 from ``MLPIPE_EMBEDDING_MODEL_DIR``, which works offline. Concurrent
+requests share one micro-batching ``Batcher``, as the embed handler does, so the local model
+runs one inference at a time. The local model is loaded before the port opens: a missing
+model is a start-up error, not a 503 on the first search.
 
 Stops on SIGTERM/SIGINT (requests in flight get a few seconds to finish) with exit code 0.
 """
@@ -30,20 +29,16 @@ EXIT_OK = 0
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from consumers.embed.api import ApiEmbedder
-    from consumers.embed.backend import EmbedBackend
-    from consumers.embed.batcher import Batcher
-    from consumers.embed.local import LocalEmbedder, model_files
+    from mlpipe.embedding.batcher import Batcher
+    from mlpipe.embedding.local import LocalEmbedder, model_files
+    from mlpipe.embedding.searcher import query_backend
 
     settings = Settings()
-    wanted = getattr(args, "backend", None)
-    use_api = wanted == "api" or (wanted is None and settings.openai_api_key is not None)
-    backend: EmbedBackend
-    if use_api:
-        backend = ApiEmbedder(settings)
-    else:
+    # chosen as the embed handler chooses: queries meet vectors of their own model
+    backend = query_backend(settings, getattr(args, "backend", None))
+    use_api = not isinstance(backend, LocalEmbedder)
+    if not use_api:
         model_files(settings.embedding_model_dir)  # a clear error now, not a 503 per request
-        backend = LocalEmbedder(settings.embedding_model_dir)
     model = backend.default_model
     config = ApiConfig.from_settings(settings, host=getattr(args, "host", None),
                                      port=getattr(args, "port", None), search_model=model)

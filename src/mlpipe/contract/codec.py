@@ -31,7 +31,8 @@ def decode(body: bytes) -> Task:
     if b"\\u0000" in body and _has_nul(body):
         # valid JSON, but Postgres text and jsonb cannot hold it: refused here rather than
         # failing (and being retried) at persist time
-        raise ContractError("a string holds a NUL character (\\u0000)", reason="nul_character")
+        raise ContractError("a string holds a NUL character (\\u0000): binary content, not text",
+                            reason="binary_content")
     task_type = _sniff_task_type(body)
     if task_type is not None:
         try:

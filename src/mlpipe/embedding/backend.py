@@ -31,3 +31,10 @@ class EmbedBackend(Protocol):
     async def __call__(self, texts: Sequence[str], model: str) -> BatchOutput: ...
 
     async def aclose(self) -> None: ...
+
+
+def approx_tokens(text: str) -> int:
+    """One token per started four characters of each word: close to what BPE tokenizers count
+    for English prose (``consumers.embed.chunking`` explains the choice), and free to compute,
+    which matters to the batcher's size accounting and the cost estimates."""
+    return sum((len(word) + 3) // 4 for word in text.split())

