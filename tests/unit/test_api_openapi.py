@@ -13,18 +13,19 @@ import pytest
 from openapi_spec_validator import validate
 
 from mlpipe.api import cursor
+from mlpipe.api.app import contract as document
 from mlpipe.api.auth import (
     Access,
     ApiConfigError,
     Role,
     TokenSet,
+    authorize,
     ensure_safe_bind,
     is_loopback,
 )
 from mlpipe.api.context import ApiError
-from mlpipe.api.dispatch import authorize
+from mlpipe.api.docs import render
 from mlpipe.api.models import CostsQuery, SearchQuery
-from mlpipe.api.openapi import document, render
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI_FILE = ROOT / "contracts" / "openapi.json"

@@ -13,14 +13,16 @@ endpoint                                 token   what
 ``GET /v1/tasks/summary``                admin   results by outcome, reservations, workflows
 ``GET /v1/budgets``                      admin   rolling spend against the ceilings
 ``GET /healthz``, ``GET /openapi.json``  none    liveness; the OpenAPI 3.1 document
+``GET /docs``                            none    Swagger UI, its files served locally
 =======================================  ======  ==============================================
 
 Read-only by construction: no endpoint writes, and the handlers only run SELECTs. Without
 configured tokens (loopback only) the read endpoints are open and the admin ones answer 403.
+FastAPI routes, validates and documents (``mlpipe.api.v1``); uvicorn serves
+(``mlpipe.api.server``).
 """
 
 from mlpipe.api.auth import ApiConfigError
-from mlpipe.api.routes import OPERATIONS, Operation
 from mlpipe.api.server import ApiConfig, ApiServer
 
-__all__ = ["OPERATIONS", "ApiConfig", "ApiConfigError", "ApiServer", "Operation"]
+__all__ = ["ApiConfig", "ApiConfigError", "ApiServer"]

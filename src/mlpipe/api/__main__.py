@@ -24,9 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_openapi(path: Path, *, check: bool) -> int:
-    from mlpipe.api.openapi import document, render
+    from mlpipe.api.app import contract
+    from mlpipe.api.docs import render
 
-    text = render(document())
+    text = render(contract())
     if check:
         current = path.read_text(encoding="utf-8") if path.is_file() else ""
         if current != text:

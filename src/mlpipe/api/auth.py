@@ -8,8 +8,11 @@ token lengths tell an attacker how close a guess was.
 
 With no token configured at all the read endpoints answer everyone, which is only acceptable
 when no one else can reach them: ``ensure_safe_bind`` refuses any address that is not
-loopback. The admin endpoints answer no one in that mode (403, ``mlpipe.api.dispatch``):
-loopback is shared by every process and user of the machine, and the ledger is not theirs.
+loopback. The admin endpoints answer no one in that mode (403, ``authorize``): loopback is
+shared by every process and user of the machine, and the ledger is not theirs.
+
+The console (``mlpipe.api.ui``) checks the same tokens, carried in a cookie instead of the
+``Authorization`` header; both go through ``TokenSet.role``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from enum import StrEnum
 
 from mlpipe.errors import ApiConfigError
 
+from .context import ApiError
+
 #: Shorter tokens are guessable; refusing them at start-up beats finding out later.
 MIN_TOKEN_LENGTH = 16
 
-__all__ = ["MIN_TOKEN_LENGTH", "Access", "ApiConfigError", "Role", "TokenSet",
+__all__ = ["MIN_TOKEN_LENGTH", "Access", "ApiConfigError", "Role", "TokenSet", "authorize",
            "ensure_safe_bind", "is_loopback"]
+
+_CHALLENGE = 'Bearer realm="mlpipe"'
 
 
 class Access(StrEnum):
@@ -61,6 +68,32 @@ class TokenSet:
         if admin:
             return Role.ADMIN
         return Role.READER if reader else None
+
+
+def authorize(header: str | None, access: Access, tokens: TokenSet) -> Role | None:
+    """Raise 401/403 unless ``header`` grants ``access``; the caller's role when it has one.
+
+    Without any configured token (only allowed on loopback) the read endpoints answer
+    everyone and the admin ones no one (403): no token can prove a caller is an admin, and
+    "it runs on loopback" says nothing about who else shares the machine."""
+    if access is Access.PUBLIC:
+        return None
+    if not tokens.enabled:
+        if access is Access.ADMIN:
+            raise ApiError(403, "forbidden", "this endpoint needs an admin token and none is "
+                                             "configured (MLPIPE_API_ADMIN_TOKENS)")
+        return Role.READER
+    if not header:
+        raise ApiError(401, "unauthorized", "a bearer token is required",
+                       headers={"WWW-Authenticate": _CHALLENGE})
+    scheme, _, token = header.partition(" ")
+    role = tokens.role(token.strip()) if scheme.lower() == "bearer" else None
+    if role is None:
+        raise ApiError(401, "unauthorized", "invalid bearer token",
+                       headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'})
+    if access is Access.ADMIN and role is not Role.ADMIN:
+        raise ApiError(403, "forbidden", "this endpoint needs an admin token")
+    return role
 
 
 def _checked(tokens: Iterable[str], what: str) -> list[str]:

@@ -1,33 +1,37 @@
-"""The API server: its own asyncpg pool and an aiohttp site, started and closed together.
+"""The API server: its own asyncpg pool and the FastAPI app under uvicorn, started and closed
+together, inside the caller's event loop (no signal handlers: those belong to the CLI).
 
 The pool is the API's own (not the daemon's): ``search_path = <schema>, public`` so mlpipe's
 tables and the pgvector type both resolve, the jsonb codec the rest of mlpipe uses, and
 pgvector's codec registered so vector columns can be read. Start-up fails, with nothing left
 open, when the address is unsafe without tokens, the schema is not migrated, or the port is
-taken.
+taken: the socket is bound here, before uvicorn sees it (uvicorn would ``sys.exit`` on a
+taken port), which also gives the real port when ``port`` is 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
 import structlog
-from aiohttp import web
+import uvicorn
 from pgvector.asyncpg import register_vector
 from pydantic import SecretStr
 
 from mlpipe.search import DEFAULT_MODEL, Embedder
 from mlpipe.settings import Budget, Settings
 
+from .app import build_app
 from .auth import ApiConfigError, TokenSet, ensure_safe_bind
 from .context import ApiContext
-from .dispatch import build_app
-from .openapi import document, render
 
 log = structlog.get_logger("mlpipe.api")
 
@@ -102,7 +106,8 @@ class ApiServer:
         self._embedder = embedder
         self._tokens = TokenSet(config.tokens, config.admin_tokens)
         self.pool: asyncpg.Pool | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: _EmbeddedServer | None = None
+        self._serving: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     @property
@@ -124,17 +129,24 @@ class ApiServer:
                              search_model=self.config.search_model,
                              budgets=self.config.budgets,
                              budget_action=self.config.budget_action)
-            app = build_app(ctx, self._tokens, render(document()))
-            self._runner = web.AppRunner(app, access_log=None,
-                                         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                                         max_line_size=MAX_REQUEST_LINE)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, self.config.host, self.config.port)
-            await site.start()
+            app = build_app(ctx, self._tokens)
+            sock = await _bind(self.config.host, self.config.port)
+            self.port = int(sock.getsockname()[1])
+            self._server = _EmbeddedServer(uvicorn.Config(
+                app, lifespan="off", access_log=False, log_config=None, log_level="warning",
+                server_header=False, proxy_headers=False,
+                h11_max_incomplete_event_size=MAX_REQUEST_LINE,
+                timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_S)))
+            self._serving = asyncio.create_task(self._server.serve(sockets=[sock]),
+                                                name="mlpipe-api")
+            while not self._server.started:  # uvicorn offers a flag, not an event
+                if self._serving.done():
+                    self._serving.result()
+                    raise ApiConfigError("the API server stopped while starting")
+                await asyncio.sleep(0.01)
         except BaseException:
             await self.close()
             raise
-        self.port = int(self._runner.addresses[0][1])
         log.info("api.listening", url=self.url, auth=self._tokens.enabled)
 
     async def _check_schema(self, pool: asyncpg.Pool) -> None:
@@ -148,9 +160,11 @@ class ApiServer:
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish, then close the pool."""
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._server is not None and self._serving is not None:
+            server, serving, self._server, self._serving = (self._server, self._serving,
+                                                            None, None)
+            server.should_exit = True
+            await serving
         if self.pool is not None:
             pool, self.pool = self.pool, None
             await pool.close()
@@ -162,3 +176,29 @@ class ApiServer:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handling: the process's signals are ``mlpipe serve``'s, and a
+    server embedded in a test or another program must not take them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host`` (every interface when empty), or ``OSError``."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _type, _proto, _name, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
