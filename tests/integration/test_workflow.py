@@ -16,6 +16,7 @@ from mlpipe.handlers import HandlerResult, Registry, TaskContext
 from mlpipe.producer import Producer
 from mlpipe.settings import RetryPolicy, Settings
 from mlpipe.testing import running_daemon, wait_for
+from mlpipe.worker.daemon import Daemon
 from mlpipe.workflow import video
 from mlpipe.workflow.submit import submit_video
 from tests.conftest import REDIS_URL
@@ -64,13 +65,25 @@ class StandIns:
         return HandlerResult({"chunks": 1})
 
 
+Env = tuple[StandIns, Effects, Producer, Daemon]
+
+
 @pytest.fixture
-async def env(settings: Settings) -> AsyncIterator[tuple[StandIns, Effects, Producer]]:
+async def env(settings: Settings) -> AsyncIterator[Env]:
     stand = StandIns()
     async with Effects(settings) as effects, \
-            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor), \
+            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor) as d, \
             Producer(settings) as producer:
-        yield stand, effects, producer
+        yield stand, effects, producer, d
+
+
+def acked(daemon: Daemon, task_type: TaskType) -> float:
+    """Deliveries of ``task_type`` the daemon acked (ran, or found done and skipped)."""
+    return sum(sample.value for metric in daemon.metrics.tasks.collect()
+               for sample in metric.samples
+               if sample.name == "mlpipe_tasks_total"
+               and sample.labels["task_type"] == task_type.value
+               and sample.labels["outcome"] == "ack")
 
 
 async def state(effects: Effects, share: str) -> str | None:
@@ -79,9 +92,8 @@ async def state(effects: Effects, share: str) -> str | None:
     return st.state if st else None
 
 
-async def test_video_goes_through_every_state_once(
-        env: tuple[StandIns, Effects, Producer]) -> None:
-    stand, effects, producer = env
+async def test_video_goes_through_every_state_once(env: Env) -> None:
+    stand, effects, producer, daemon = env
     await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
                        hashtags=["sourdough", "baking"])
     await wait_for(lambda: ("vid-1", "caption") in stand.embedded, message="caption embedded")
@@ -110,15 +122,16 @@ async def test_video_goes_through_every_state_once(
     # the same share submitted again: nothing paid runs again, the rich embedding stays
     await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
                        hashtags=["sourdough", "baking"])
-    await asyncio.sleep(1.5)
+    await wait_for(lambda: acked(daemon, TaskType.TRANSCRIBE_WHISPER) == 2
+                   and acked(daemon, TaskType.EMBED_VECTORS) == 3,
+                   message="both resubmitted tasks acked")
     assert stand.runs == Counter({"transcribe": 1, "summarize": 1, "embed:caption": 1,
                                   "embed:transcript": 1})
     assert await state(effects, "vid-1") == "completed"
 
 
-async def test_failed_transcription_falls_back_to_caption_only(
-        env: tuple[StandIns, Effects, Producer]) -> None:
-    stand, effects, producer = env
+async def test_failed_transcription_falls_back_to_caption_only(env: Env) -> None:
+    stand, effects, producer, _ = env
     stand.release_transcription.set()
     await submit_video(producer, "vid-2", "s3://media/broken.txt", caption="Not really a video")
 
@@ -131,11 +144,10 @@ async def test_failed_transcription_falls_back_to_caption_only(
     assert stand.runs["embed:transcript"] == 0
 
 
-async def test_a_silent_video_is_embedded_as_one_untimed_text(
-        env: tuple[StandIns, Effects, Producer]) -> None:
+async def test_a_silent_video_is_embedded_as_one_untimed_text(env: Env) -> None:
     """No timed segments: the rich embedding is summary, caption and hashtags as one text,
     with no lead (the caption stands in for the missing transcript, and is not repeated)."""
-    stand, effects, producer = env
+    stand, effects, producer, _ = env
     stand.release_transcription.set()
     await submit_video(producer, "vid-4", "s3://media/silent.mp4", caption="Quiet sunset",
                        hashtags=["sunset"])
@@ -150,13 +162,12 @@ async def test_a_silent_video_is_embedded_as_one_untimed_text(
     assert content.text == "A sourdough baking video.\n\nQuiet sunset\n\n#sunset"
 
 
-async def test_workflow_status_command(env: tuple[StandIns, Effects, Producer],
-                                       settings: Settings) -> None:
+async def test_workflow_status_command(env: Env, settings: Settings) -> None:
     import json
     import os
     import sys
 
-    stand, effects, producer = env
+    stand, effects, producer, _ = env
     stand.release_transcription.set()
     await submit_video(producer, "vid-3", "s3://media/vid-3.mp4", caption="Cats")
 
@@ -182,7 +193,7 @@ async def test_transcription_timeout_falls_back_without_polling(
                         redis_url=REDIS_URL, lock_prefix=lock_prefix, workflow_timeout_s=2.0)
     stand = StandIns()  # transcription blocks until released
     async with Effects(settings) as effects, \
-            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor), \
+            running_daemon(settings, stand.registry, QUEUES, executor=effects.executor) as d, \
             Producer(settings) as producer:
         await submit_video(producer, "slow", "s3://media/slow.mp4", caption="A slow upload")
 
@@ -195,8 +206,10 @@ async def test_transcription_timeout_falls_back_without_polling(
         assert st is not None
         assert "no transcript within 2s" in st.history[-1]["detail"]
         stand.release_transcription.set()  # the transcript finally lands: too late
-        await wait_for(lambda: stand.runs["transcribe"] == 1)
-        await asyncio.sleep(1.0)
+        # the late result is stored, and the workflow's step taken or not, before its ack
+        await wait_for(lambda: acked(d, TaskType.TRANSCRIBE_WHISPER) == 1,
+                       message="the late transcript acked")
+        assert stand.runs["transcribe"] == 1
         assert await state(effects, "slow") == "failed_transcription"
         assert stand.runs["summarize"] == 0
         assert ("slow", "caption") in stand.embedded
@@ -218,7 +231,11 @@ async def test_workflow_gauges_follow_the_states(settings: Settings) -> None:
         port = d.http.port
         await submit_video(producer, "vid-g", "s3://media/vid-g.mp4", caption="Gauges")
         await wait_for(lambda: ("vid-g", "caption") in stand.embedded, message="caption")
-        await asyncio.sleep(1.1)
+
+        async def a_second_old() -> bool:  # the gauges are read from the database per scrape
+            return (await scrape(port))[("mlpipe_workflow_oldest_age_seconds", ())] >= 1.0
+
+        await wait_for(a_second_old, interval=0.1, message="oldest workflow a second old")
         during = await scrape(port)
         assert gauge(during, "video_transcribing") == 1
         assert gauge(during, "completed") == 0
