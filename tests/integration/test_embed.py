@@ -25,11 +25,11 @@ from pydantic import SecretStr
 
 from consumers.embed import LOCAL_BATCHER, register
 from consumers.embed.chunking import Chunk
-from consumers.embed.cli import build_parser, run_search
 from consumers.embed.handler import api_model
 from consumers.embed.store import ChunkStore
 from mlpipe.backends import token_cost
 from mlpipe.broker.topology import Topology
+from mlpipe.cli.search import build_parser, run_search
 from mlpipe.contract.models import EmbeddingType, EmbedOptions, Task, TaskType, build_task
 from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects

@@ -1,4 +1,4 @@
-"""``mlpipe serve``: the read API as a process of its own (``mlpipe.cli`` parses its
+"""``mlpipe serve``: the read API as a process of its own (``mlpipe.cli.contracts`` parses its
 arguments).
 
 Query texts must be embedded with the model the stored vectors were made with, chosen as the

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from mlpipe.contract.models import ContentType, EmbeddingType
 from mlpipe.settings import Settings
 
+from .common import Add
+
 if TYPE_CHECKING:  # the heavy imports wait for a search: `mlpipe --help` stays quick
     from mlpipe.search import Hit
 
@@ -48,7 +50,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only chunks embedded before TIME")
     parser.add_argument("--backend", choices=["api", "local"],
                         help="model family the vectors were made with (default: api when an "
-                             "API key is configured, else local)")
+                             "API key or a self-hosted server's base URL is configured, else "
+                             "local)")
     parser.add_argument("--model", help="model name as stored (overrides --backend's default)")
     parser.add_argument("--json", action="store_true", help="hits as a JSON array")
 
@@ -134,3 +137,14 @@ def _clock(seconds: float | None) -> str:
     total = int(seconds or 0)
     hours, rest = divmod(total, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+async def cmd_search(args: argparse.Namespace) -> int:
+    from .common import settings_from
+
+    return await run_search(args, settings_from(args))
+
+
+def register(add: Add) -> None:
+    add_search_arguments(add("search", cmd_search, "similarity search over the stored chunks: "
+                                                   "share ids, chunk text, timestamps, score"))
