@@ -23,8 +23,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
-from consumers._api import audio_cost, backend_for
 from consumers.media import fetch_media
+from mlpipe.backends import audio_cost, backend_for
 from mlpipe.contract.models import Backend, Task, TranscribeTask
 from mlpipe.handlers import HandlerResult, TaskContext
 from mlpipe.settings import Settings
