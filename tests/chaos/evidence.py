@@ -29,6 +29,8 @@ class EventTap:
 
     def __init__(self, url: str) -> None:
         self.ids: dict[str, set[str]] = defaultdict(set)
+        #: Epoch second at which the n-th share got its first ``completed`` event.
+        self.times: list[float] = []
         self.copies = 0
         self.failed: dict[str, int] = defaultdict(int)
         self._conn = BrokerConnection(url, name="chaos-events-tap", on_connect=self._setup,
@@ -64,6 +66,8 @@ class EventTap:
             share, status = "?", None
         if status == "completed":
             self.copies += 1
+            if share not in self.ids:
+                self.times.append(time.time())
             self.ids[share].add(message.message_id or f"no-id-{self.copies}")
             self.changed.set()
         elif status == "failed":
@@ -72,7 +76,8 @@ class EventTap:
             await message.ack()
 
     async def wait_for(self, target: int, timeout: float) -> float | None:
-        """Epoch second at which ``count`` reached ``target``, or None after ``timeout``."""
+        """Epoch second at which ``count`` reached ``target`` (at once if it already had), or
+        None after ``timeout``."""
         deadline = time.monotonic() + timeout
         while self.count < target:
             remaining = deadline - time.monotonic()
@@ -81,7 +86,7 @@ class EventTap:
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 1.0))
-        return time.time()
+        return self.times[target - 1] if target > 0 else time.time()
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
@@ -118,12 +123,19 @@ async def dead_letters(settings: Settings) -> list[DeadLetter]:
             for e in await list_dead(settings, limit=100_000)]
 
 
+#: ``wait_settled`` gives up once nothing moved for this long (the longest deferral of a
+#: locked task is 15 s, the longest retry delay 4 s).
+STALLED_S = 90.0
+
+
 async def wait_settled(settings: Settings, tap: EventTap, dsn: str, confirmed: set[str],
-                       hostile: set[str], timeout: float = 300) -> None:
+                       hostile: set[str], timeout: float = 600) -> None:
     """Until every confirmed task has its result (or a dead letter) and its event, and every
-    hostile message is dead-lettered, or ``timeout``."""
+    hostile message is dead-lettered; or nothing moved for ``STALLED_S``; or ``timeout``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last: tuple[int, int, int] = (-1, -1, -1)
+    moved = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - moved < STALLED_S:
         c = await connect(dsn)
         try:
             done = {r["share_id"] for r in await c.fetch("SELECT share_id FROM ml_results")}
@@ -135,4 +147,7 @@ async def wait_settled(settings: Settings, tap: EventTap, dsn: str, confirmed: s
         events_out = all(s in tap.ids for s in confirmed & done)
         if confirmed <= done | dead_shares and hostile <= dead_ids and events_out:
             return
+        now = (len(done), len(dead), tap.copies)
+        if now != last:
+            last, moved = now, time.monotonic()
         await asyncio.sleep(1.0)

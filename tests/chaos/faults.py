@@ -1,11 +1,13 @@
 """The faults the scenario injects, each against a service of its own, and how recovery is
 timed.
 
-A fault is a coroutine taking the ``Rig`` (what it may act on) and returning when the service
-is back, with a note; ``run_schedule`` injects the faults of a phase one after another at even
-steps of progress and times recovery: from the moment the fault began, and from the service's
-return, until ``RECOVERY_RESULTS`` more results came out (counted by the events tap, so work
-merely finishing in flight does not count twice).
+A fault is a coroutine taking the ``Rig`` (what it may act on) that calls
+``rig.service_back()`` the moment the service is back (a restarted Redis answers, a queue has a
+new leader) and returns a note once its aftermath is over (a killed cluster node rejoined);
+``run_schedule`` injects the faults of a phase one after another at even steps of progress and
+times recovery: from the moment the fault began, and from the service's return, until
+``RECOVERY_RESULTS`` more results came out (counted by the events tap, so work merely
+finishing in flight does not count twice).
 
 Production settings each one assumes are named where they matter: RabbitMQ quorum queues
 (replicated on all three nodes of a cluster), Redis with AOF ``appendfsync everysec``,
@@ -38,137 +40,6 @@ RECOVERY_TIMEOUT_S = 180.0
 WORK_QUEUES = ("transcribe", "summarize", "embed")
 
 
-@dataclass
-class Rig:
-    """What the faults of one phase act on: its daemons and broker (a single private node or a
-    three-node cluster), the shared throwaway Redis and Postgres, the events tap."""
-
-    daemons: Daemons
-    tap: EventTap
-    redis: ThrowawayRedis
-    pg: ThrowawayPostgres
-    rabbit: PrivateRabbit | None = None
-    #: ``tests.rabbit_cluster.RabbitCluster`` (typed loosely: that module is optional).
-    cluster: Any = None
-    vhost: str = "/"
-    sigkills: int = 0
-
-
-Outcome = tuple[float, str]
-FaultFn = Callable[[Rig], Awaitable[Outcome]]
-
-
-def _rabbit(rig: Rig) -> PrivateRabbit:
-    if rig.rabbit is None:
-        raise RuntimeError("this fault needs the single private RabbitMQ node")
-    return rig.rabbit
-
-
-async def broker_restart(rig: Rig) -> Outcome:
-    await asyncio.to_thread(_rabbit(rig).restart_app, DOWN_S)
-    return time.time(), "stop_app, start_app"
-
-
-async def connection_close(rig: Rig) -> Outcome:
-    await asyncio.to_thread(_rabbit(rig).close_all_connections)
-    return time.time(), "close_all_connections"
-
-
-async def broker_kill(rig: Rig) -> Outcome:
-    """SIGKILL of the node's beam under load (an OOM kill): quorum queues recover their
-    confirmed messages from the WAL when it boots again."""
-    rabbit = _rabbit(rig)
-    await asyncio.to_thread(rabbit.kill)
-    await asyncio.sleep(DOWN_S)
-    await asyncio.to_thread(rabbit.start)
-    return time.time(), "beam SIGKILLed, booted again"
-
-
-async def sigkill(rig: Rig) -> Outcome:
-    pid = await rig.daemons.kill_one(rig.sigkills)
-    rig.sigkills += 1
-    return time.time(), f"daemon pid {pid}"
-
-
-async def redis_restart(rig: Rig) -> Outcome:
-    await asyncio.to_thread(rig.redis.stop)
-    await asyncio.sleep(DOWN_S)
-    await asyncio.to_thread(rig.redis.start)
-    return time.time(), "SHUTDOWN SAVE, start"
-
-
-async def redis_kill(rig: Rig) -> Outcome:
-    """SIGKILL of Redis with ``appendfsync everysec``: up to about a second of writes (lock
-    acquisitions, renewals, releases) is gone when it comes back."""
-    await asyncio.to_thread(rig.redis.kill)
-    await asyncio.sleep(DOWN_S)
-    await asyncio.to_thread(rig.redis.start)
-    return time.time(), f"appendfsync {rig.redis.appendfsync}"
-
-
-async def pg_restart(rig: Rig) -> Outcome:
-    await asyncio.to_thread(rig.pg.stop)
-    await asyncio.sleep(DOWN_S)
-    await asyncio.to_thread(rig.pg.start)
-    return time.time(), "fast shutdown, start"
-
-
-async def pg_kill(rig: Rig) -> Outcome:
-    """SIGKILL of the postmaster: no shutdown checkpoint, crash recovery on the next start."""
-    await asyncio.to_thread(rig.pg.kill)
-    await asyncio.sleep(DOWN_S)
-    await asyncio.to_thread(rig.pg.start)
-    recovered = await asyncio.to_thread(rig.pg.crash_recovered)
-    return time.time(), "crash recovery ran" if recovered else "NO crash recovery in the log"
-
-
-def _queue_names(rig: Rig) -> list[str]:
-    topo = Topology()
-    return [topo.queue_name(q) for q in WORK_QUEUES]
-
-
-async def cluster_leader_kill(rig: Rig) -> Outcome:
-    """SIGKILL of the node leading (most of) the work queues while tasks flow; the service is
-    back once every work queue has a leader elsewhere. The node then boots again and rejoins
-    (its time is in the note)."""
-    cluster = rig.cluster
-    queues = _queue_names(rig)
-    leaders = Counter([await asyncio.to_thread(cluster.leader_of, q, rig.vhost) for q in queues])
-    node = leaders.most_common(1)[0][0]
-    await asyncio.to_thread(cluster.kill, node)
-    for q in queues:
-        await asyncio.to_thread(cluster.wait_leader_elected, q, rig.vhost, not_on=node)
-    elected = time.time()
-    await asyncio.to_thread(cluster.start, node)
-    rejoin = time.time() - elected
-    return elected, (f"{node} led {leaders[node]}/{len(queues)} work queues; all re-elected, "
-                     f"node rejoined {rejoin:.1f}s later")
-
-
-async def cluster_follower_kill(rig: Rig) -> Outcome:
-    """SIGKILL of a node that leads none of the work queues (if any): the majority keeps
-    serving, so the service never leaves; the node boots again and rejoins."""
-    cluster = rig.cluster
-    queues = _queue_names(rig)
-    leaders = {await asyncio.to_thread(cluster.leader_of, q, rig.vhost) for q in queues}
-    followers = [n for n in cluster.nodes if n not in leaders] or list(cluster.nodes)
-    node = followers[0]
-    began = time.time()
-    await asyncio.to_thread(cluster.kill, node)
-    await asyncio.sleep(DOWN_S)
-    await asyncio.to_thread(cluster.start, node)
-    return began, f"{node} killed, rejoined {time.time() - began:.1f}s later"
-
-
-FAULTS: dict[str, FaultFn] = {
-    "broker_restart": broker_restart, "connection_close": connection_close,
-    "broker_kill": broker_kill, "sigkill": sigkill, "redis_restart": redis_restart,
-    "redis_kill": redis_kill, "pg_restart": pg_restart, "pg_kill": pg_kill,
-    "cluster_leader_kill": cluster_leader_kill, "cluster_follower_kill": cluster_follower_kill,
-}
-CLUSTER_FAULTS = ("cluster_leader_kill", "cluster_follower_kill")
-
-
 class Pacer:
     """Releases a phase's tasks to the producers chunk by chunk: two chunks at the start, one
     more as each fault begins, and when the service is back at least enough for its recovery
@@ -176,7 +47,10 @@ class Pacer:
     work in flight, and a fast pipeline cannot finish all of it before the last fault."""
 
     def __init__(self, tasks: int, faults: int) -> None:
-        self.step = max(1, tasks // (faults + 2))
+        # the last ``2 * RECOVERY_RESULTS`` tasks are only ever released by ``service_back``:
+        # however fast the pipeline drains what a fault's start released, the recovery of
+        # the last fault still has work to be timed on
+        self.step = max(1, (tasks - 2 * RECOVERY_RESULTS) // (faults + 2))
         self.released = 2 * self.step if faults else tasks
         self._changed = asyncio.Condition()
 
@@ -197,27 +71,176 @@ class Pacer:
             self._changed.notify_all()
 
 
-async def run_schedule(schedule: list[str], rig: Rig, pacer: Pacer) -> list[Fault]:
+@dataclass
+class Rig:
+    """What the faults of one phase act on: its daemons and broker (a single private node or a
+    three-node cluster), the shared throwaway Redis and Postgres, the events tap."""
+
+    daemons: Daemons
+    tap: EventTap
+    redis: ThrowawayRedis
+    pg: ThrowawayPostgres
+    rabbit: PrivateRabbit | None = None
+    #: ``tests.rabbit_cluster.RabbitCluster`` (typed loosely: that module is optional).
+    cluster: Any = None
+    vhost: str = "/"
+    sigkills: int = 0
+    pacer: Pacer | None = None
+    #: (epoch second, results so far) when the current fault's service was back.
+    back: tuple[float, int] | None = None
+
+    async def service_back(self) -> None:
+        """Called by a fault the moment its service is back (once; later calls do nothing):
+        recovery is timed from here, and enough work is released to time it on."""
+        if self.back is not None:
+            return
+        self.back = (time.time(), self.tap.count)
+        if self.pacer is not None:
+            await self.pacer.release(at_least=self.tap.count + 2 * RECOVERY_RESULTS)
+
+
+FaultFn = Callable[[Rig], Awaitable[str]]
+
+
+def _rabbit(rig: Rig) -> PrivateRabbit:
+    if rig.rabbit is None:
+        raise RuntimeError("this fault needs the single private RabbitMQ node")
+    return rig.rabbit
+
+
+async def broker_restart(rig: Rig) -> str:
+    await asyncio.to_thread(_rabbit(rig).restart_app, DOWN_S)
+    return "stop_app, start_app"
+
+
+async def connection_close(rig: Rig) -> str:
+    await asyncio.to_thread(_rabbit(rig).close_all_connections)
+    return "close_all_connections"
+
+
+async def broker_kill(rig: Rig) -> str:
+    """SIGKILL of the node's beam under load (an OOM kill): quorum queues recover their
+    confirmed messages from the WAL when it boots again."""
+    rabbit = _rabbit(rig)
+    await asyncio.to_thread(rabbit.kill)
+    await asyncio.sleep(DOWN_S)
+    await asyncio.to_thread(rabbit.start)
+    return "beam SIGKILLed, booted again"
+
+
+async def sigkill(rig: Rig) -> str:
+    pid = await rig.daemons.kill_one(rig.sigkills)
+    rig.sigkills += 1
+    return f"daemon pid {pid}, replaced"
+
+
+async def redis_restart(rig: Rig) -> str:
+    await asyncio.to_thread(rig.redis.stop)
+    await asyncio.sleep(DOWN_S)
+    await asyncio.to_thread(rig.redis.start)
+    return "SHUTDOWN SAVE, start"
+
+
+async def redis_kill(rig: Rig) -> str:
+    """SIGKILL of Redis with ``appendfsync everysec``: up to about a second of writes (lock
+    acquisitions, renewals, releases) is gone when it comes back."""
+    await asyncio.to_thread(rig.redis.kill)
+    await asyncio.sleep(DOWN_S)
+    await asyncio.to_thread(rig.redis.start)
+    return f"appendfsync {rig.redis.appendfsync}"
+
+
+async def pg_restart(rig: Rig) -> str:
+    await asyncio.to_thread(rig.pg.stop)
+    await asyncio.sleep(DOWN_S)
+    await asyncio.to_thread(rig.pg.start)
+    return "fast shutdown, start"
+
+
+async def pg_kill(rig: Rig) -> str:
+    """SIGKILL of the postmaster: no shutdown checkpoint, crash recovery on the next start."""
+    await asyncio.to_thread(rig.pg.kill)
+    await asyncio.sleep(DOWN_S)
+    await asyncio.to_thread(rig.pg.start)
+    await rig.service_back()
+    recovered = await asyncio.to_thread(rig.pg.crash_recovered)
+    return "crash recovery ran" if recovered else "NO crash recovery in the log"
+
+
+def _queue_names(rig: Rig) -> list[str]:
+    topo = Topology()
+    return [topo.queue_name(q) for q in WORK_QUEUES]
+
+
+async def cluster_leader_kill(rig: Rig) -> str:
+    """SIGKILL of the node leading (most of) the work queues while tasks flow; the service is
+    back once every work queue has a leader elsewhere. The node then boots again and rejoins
+    (its time is in the note)."""
+    cluster = rig.cluster
+    queues = _queue_names(rig)
+    leaders = Counter([await asyncio.to_thread(cluster.leader_of, q, rig.vhost) for q in queues])
+    node = leaders.most_common(1)[0][0]
+    await asyncio.to_thread(cluster.kill, node)
+    killed = time.time()
+    for q in queues:
+        await asyncio.to_thread(cluster.wait_leader_elected, q, rig.vhost, not_on=node)
+    await rig.service_back()
+    elected = time.time()
+    await asyncio.to_thread(cluster.start, node)
+    return (f"{node} led {leaders[node]}/{len(queues)} work queues; re-elected "
+            f"{elected - killed:.1f}s after the kill, node rejoined {time.time() - elected:.1f}s "
+            "later")
+
+
+async def cluster_follower_kill(rig: Rig) -> str:
+    """SIGKILL of a node that leads none of the work queues (if any): the majority keeps
+    serving, so the service never leaves; the node boots again and rejoins."""
+    cluster = rig.cluster
+    queues = _queue_names(rig)
+    leaders = {await asyncio.to_thread(cluster.leader_of, q, rig.vhost) for q in queues}
+    followers = [n for n in cluster.nodes if n not in leaders] or list(cluster.nodes)
+    node = followers[0]
+    await asyncio.to_thread(cluster.kill, node)
+    began = time.time()
+    await rig.service_back()  # the majority never stopped serving
+    await asyncio.sleep(DOWN_S)
+    await asyncio.to_thread(cluster.start, node)
+    return f"{node} killed, rejoined {time.time() - began:.1f}s later"
+
+
+FAULTS: dict[str, FaultFn] = {
+    "broker_restart": broker_restart, "connection_close": connection_close,
+    "broker_kill": broker_kill, "sigkill": sigkill, "redis_restart": redis_restart,
+    "redis_kill": redis_kill, "pg_restart": pg_restart, "pg_kill": pg_kill,
+    "cluster_leader_kill": cluster_leader_kill, "cluster_follower_kill": cluster_follower_kill,
+}
+CLUSTER_FAULTS = ("cluster_leader_kill", "cluster_follower_kill")
+
+
+async def run_schedule(schedule: list[str], rig: Rig) -> list[Fault]:
     """Inject ``schedule`` at even steps of results; time each recovery."""
+    assert rig.pacer is not None
     out: list[Fault] = []
     try:
         for n, name in enumerate(schedule, start=1):
-            await rig.tap.wait_for(pacer.step * n, STEP_TIMEOUT_S)
-            await pacer.release()
-            out.append(await _inject(name, rig, pacer))
+            await rig.tap.wait_for(rig.pacer.step * n, STEP_TIMEOUT_S)
+            await rig.pacer.release()
+            out.append(await _inject(name, rig))
     finally:
-        await pacer.release(everything=True)
+        await rig.pacer.release(everything=True)
     return out
 
 
-async def _inject(name: str, rig: Rig, pacer: Pacer) -> Fault:
+async def _inject(name: str, rig: Rig) -> Fault:
     """One fault, timed: recovered once ``RECOVERY_RESULTS`` more results came out after the
     service returned."""
-    began = time.time()
-    returned, note = await FAULTS[name](rig)
-    at = rig.tap.count
-    await pacer.release(at_least=at + 2 * RECOVERY_RESULTS)
-    recovered = await rig.tap.wait_for(at + RECOVERY_RESULTS, RECOVERY_TIMEOUT_S)
+    rig.back = None
+    began, at = time.time(), rig.tap.count
+    note = await FAULTS[name](rig)
+    await rig.service_back()  # no-op if the fault said so earlier
+    assert rig.back is not None
+    returned, done = rig.back
+    recovered = await rig.tap.wait_for(done + RECOVERY_RESULTS, RECOVERY_TIMEOUT_S)
     print(f"chaos: {name} at {at} results: back after {returned - began:.1f}s, recovered "
           f"{(recovered or float('nan')) - began:.1f}s after it began; {note}",
           file=sys.stderr, flush=True)

@@ -210,16 +210,16 @@ async def _phase(name: str, shared: Shared, broker_url: str, rig_kw: dict[str, A
     daemons = Daemons(_daemon_env(broker_url, shared, retry), 3, shared.log_dir, name)
     shared.daemons.append(daemons)
     await daemons.start()
-    rig = Rig(daemons, tap, shared.redis, shared.pg, **rig_kw)
+    pacer = Pacer(tasks_n, len(schedule))
+    rig = Rig(daemons, tap, shared.redis, shared.pg, pacer=pacer, **rig_kw)
     prefix = "chaos" if name == "node" else f"chaos-{name}"
     tasks = [build_task(TASK_TYPES[i % 3], f"{prefix}-{i}", _payload(TASK_TYPES[i % 3], i))
              for i in range(tasks_n)]
     ev.published += [t.share_id for t in tasks]
-    pacer = Pacer(tasks_n, len(schedule))
     try:
         publishing = asyncio.gather(_publish(settings, tasks, 0, pacer, ev),
                                     _publish(settings, tasks, 1, pacer, ev))
-        faults = asyncio.create_task(run_schedule(schedule, rig, pacer))
+        faults = asyncio.create_task(run_schedule(schedule, rig))
         if hostile:
             await asyncio.sleep(1.0)
             await _send_hostile(settings, hostile)
