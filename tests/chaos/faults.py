@@ -86,6 +86,9 @@ class Rig:
     vhost: str = "/"
     sigkills: int = 0
     pacer: Pacer | None = None
+    #: Epoch second the current fault struck, when the fault knows it better than its start
+    #: (a cluster fault first asks which node leads).
+    struck: float | None = None
     #: (epoch second, results so far) when the current fault's service was back.
     back: tuple[float, int] | None = None
 
@@ -180,6 +183,7 @@ async def cluster_leader_kill(rig: Rig) -> str:
     queues = _queue_names(rig)
     leaders = Counter([await asyncio.to_thread(cluster.leader_of, q, rig.vhost) for q in queues])
     node = leaders.most_common(1)[0][0]
+    rig.struck = time.time()
     await asyncio.to_thread(cluster.kill, node)
     killed = time.time()
     for q in queues:
@@ -200,6 +204,7 @@ async def cluster_follower_kill(rig: Rig) -> str:
     leaders = {await asyncio.to_thread(cluster.leader_of, q, rig.vhost) for q in queues}
     followers = [n for n in cluster.nodes if n not in leaders] or list(cluster.nodes)
     node = followers[0]
+    rig.struck = time.time()
     await asyncio.to_thread(cluster.kill, node)
     began = time.time()
     await rig.service_back()  # the majority never stopped serving
@@ -234,10 +239,11 @@ async def run_schedule(schedule: list[str], rig: Rig) -> list[Fault]:
 async def _inject(name: str, rig: Rig) -> Fault:
     """One fault, timed: recovered once ``RECOVERY_RESULTS`` more results came out after the
     service returned."""
-    rig.back = None
+    rig.back, rig.struck = None, None
     began, at = time.time(), rig.tap.count
     note = await FAULTS[name](rig)
     await rig.service_back()  # no-op if the fault said so earlier
+    began = rig.struck or began
     assert rig.back is not None
     returned, done = rig.back
     recovered = await rig.tap.wait_for(done + RECOVERY_RESULTS, RECOVERY_TIMEOUT_S)
