@@ -67,13 +67,23 @@ async def test_settles_once_and_nack_requeues(broker_url: str) -> None:
         await first.nack(requeue=True)
         with pytest.raises(AlreadySettled):
             await first.ack()
-        again = Delivery(await asyncio.wait_for(got.get(), 10))
+        delivered = await asyncio.wait_for(got.get(), 10)
+        again = Delivery(delivered)
         assert (again.redelivered, again.message_id, again.body) == (True, "m", b"x")
         await again.ack()
         with pytest.raises(AlreadySettled):
             await again.nack()
-        await asyncio.sleep(0.2)
+        # A marker published on the same channel after the settles: the broker handles them
+        # first, so a copy they requeued would come before the marker, and one left unacked
+        # would hold the marker back (prefetch 1).
+        await delivered.channel.basic_publish(b"marker", routing_key="t.delivery")
+        marker = Delivery(await asyncio.wait_for(got.get(), 10))
+        assert (marker.redelivered, marker.body) == (False, b"marker")
+        await marker.ack()
         assert got.empty()
+        # an ack leaves without waiting for the writer: a round trip on the channel returns
+        # once the broker has read it, before the connection closes
+        await delivered.channel.basic_qos(prefetch_count=1)
     finally:
         await conn.close()
     async with await aio_pika.connect(broker_url) as check:

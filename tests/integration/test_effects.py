@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -17,6 +16,7 @@ from mlpipe.producer import Producer
 from mlpipe.settings import Budget, RetryPolicy, Settings
 from mlpipe.store import costs
 from mlpipe.testing import running_daemon, wait_for
+from mlpipe.worker.daemon import Daemon
 from tests.conftest import REDIS_URL
 
 
@@ -121,11 +121,20 @@ async def test_lock_held_for_other_input_defers_without_using_retries(
                               executor=effects.executor) as daemon, Producer(settings) as p:
         async with lease:  # renewed while "another worker" runs
             await p.publish(summarize("busy", text="Fresh input for the busy share. " * 3))
-            await asyncio.sleep(2.0)
+            await wait_for(lambda: deferrals(daemon) >= 1, message="deferred on the lock")
             assert runs == []
         await wait_for(lambda: runs == ["Fresh"], timeout=10, message="ran after the lock freed")
-        assert daemon.status().tasks_done >= 2  # at least one deferral, then the run
+        await wait_for(lambda: daemon.status().tasks_done >= 2,  # a deferral, then the run
+                       message="the deferral and the run settled")
     assert await list_dead(settings) == []
+
+
+def deferrals(daemon: Daemon) -> float:
+    """Deliveries put back for later because another run held the lock."""
+    return sum(sample.value for metric in daemon.metrics.retries.collect()
+               for sample in metric.samples
+               if sample.name == "mlpipe_retries_total"
+               and sample.labels["reason"] == "lock_contention")
 
 
 async def test_unmigrated_schema_fails_at_start(pg_dsn: str, broker_url: str) -> None:
