@@ -12,12 +12,15 @@ from mlpipe.settings import Settings
 
 
 def build_registry(settings: Settings) -> Registry:
-    """Every shipped handler. Heavy resources (models, API clients) are registered lazily:
-    a worker that never sees a task type never loads its model."""
+    """Every shipped handler, and the video workflow that chains them. Heavy resources
+    (models, API clients) are registered lazily: a worker that never sees a task type never
+    loads its model."""
     from consumers import embed, summarize, transcribe
+    from mlpipe.workflow.video import VideoWorkflow
 
     registry = Registry()
     transcribe.register(registry, settings)
     summarize.register(registry, settings)
     embed.register(registry, settings)
+    registry.add_workflow(VideoWorkflow(settings.workflow_timeout_s))
     return registry

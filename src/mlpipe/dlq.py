@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from mlpipe.broker.connection import connect_any
 from mlpipe.producer import Producer
 from mlpipe.settings import Settings
-from mlpipe.worker.settle import (
+from mlpipe.worker.headers import (
     H_ATTEMPTS,
     H_DEAD_AT,
     H_ERROR,
@@ -28,8 +28,8 @@ from mlpipe.worker.settle import (
     H_REASON,
     H_ROUTING_KEY,
     MLPIPE_HEADERS,
-    bump_retry_count,
 )
+from mlpipe.worker.settle import bump_retry_count
 
 
 @dataclass(frozen=True)

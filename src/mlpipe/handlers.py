@@ -93,6 +93,16 @@ class Registry:
     def __init__(self) -> None:
         self._specs: dict[TaskType, HandlerSpec] = {}
         self.resources: dict[str, ResourceFactory] = {}
+        #: Multi-step workflows driven by results (``mlpipe.effects.hooks.Workflow``).
+        self.workflows: list[Any] = []
+
+    def add_workflow(self, workflow: Any) -> None:
+        """A workflow (``mlpipe.effects.hooks.Workflow``) whose hooks the effects layer calls
+        around the tasks it watches: before they run, inside the transaction that stores their
+        result, when they are dead-lettered, and for its own delayed control messages."""
+        if any(w.name == workflow.name for w in self.workflows):
+            raise ValueError(f"a workflow named {workflow.name!r} is already registered")
+        self.workflows.append(workflow)
 
     def add_resource(self, name: str, factory: ResourceFactory) -> None:
         """Handlers reach it as ``ctx.resources[name]``. Make heavy resources lazy (load a model

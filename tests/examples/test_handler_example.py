@@ -12,7 +12,7 @@ from mlpipe.errors import PermanentError
 from mlpipe.handlers import Cost
 from mlpipe.settings import Settings
 from mlpipe.testing import TaskHarness
-from mlpipe.worker.outcome import Ack, DeadLetter
+from mlpipe.worker.outcome import Ack, DeadLetter, Skip
 
 
 def build_registry() -> Registry:
@@ -45,7 +45,8 @@ async def test_summary_is_stored_once_and_announced() -> None:
     assert run.stored is not None
     assert run.stored.data == {"summary": "Rockets reach orbit."}
     assert [e["status"] for e in run.events] == ["completed"]
-    assert (again.outcome, again.skipped, again.events) == (Ack(), "already_done", ())
+    assert (again.outcome, again.skipped, again.events) == (Skip("already_done"), "already_done",
+                                                            ())
 
 
 async def test_bad_input_and_budget_are_dead_lettered() -> None:

@@ -66,6 +66,8 @@ def counting(settings: Settings, runs: Counter[str]) -> Registry:
         registry.register(spec.task_type, counted, timeout_s=spec.timeout_s,
                           expected_runtime_s=spec.expected_runtime_s,
                           estimate_cost=spec.estimate_cost)
+    for workflow in shipped.workflows:
+        registry.add_workflow(workflow)
     return registry
 
 

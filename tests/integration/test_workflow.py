@@ -19,6 +19,7 @@ from mlpipe.testing import running_daemon, wait_for
 from mlpipe.worker.daemon import Daemon
 from mlpipe.workflow import video
 from mlpipe.workflow.submit import submit_video
+from mlpipe.workflow.video import VideoWorkflow
 from tests.conftest import REDIS_URL
 
 QUEUES = "transcribe,summarize,embed"
@@ -32,7 +33,7 @@ def settings(broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str) -> 
 
 
 class StandIns:
-    def __init__(self) -> None:
+    def __init__(self, workflow_timeout_s: float = 1800.0) -> None:
         self.runs: Counter[str] = Counter()
         self.embedded: list[tuple[str, str]] = []
         self.embed_tasks: list[EmbedTask] = []
@@ -41,6 +42,7 @@ class StandIns:
         self.registry.register(TaskType.TRANSCRIBE_WHISPER, self.transcribe)
         self.registry.register(TaskType.SUMMARIZE_VIDEO_COMBINED, self.summarize)
         self.registry.register(TaskType.EMBED_VECTORS, self.embed)
+        self.registry.add_workflow(VideoWorkflow(workflow_timeout_s))
 
     async def transcribe(self, task: Task, ctx: TaskContext) -> HandlerResult:
         self.runs["transcribe"] += 1
@@ -191,7 +193,7 @@ async def test_transcription_timeout_falls_back_without_polling(
         broker_url: str, pg_dsn: str, pg_schema: str, lock_prefix: str) -> None:
     settings = Settings(broker_url=broker_url, database_url=pg_dsn, database_schema=pg_schema,
                         redis_url=REDIS_URL, lock_prefix=lock_prefix, workflow_timeout_s=2.0)
-    stand = StandIns()  # transcription blocks until released
+    stand = StandIns(settings.workflow_timeout_s)  # transcription blocks until released
     async with Effects(settings) as effects, \
             running_daemon(settings, stand.registry, QUEUES, executor=effects.executor) as d, \
             Producer(settings) as producer:

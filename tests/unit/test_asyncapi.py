@@ -69,7 +69,7 @@ def test_cli_check(tmp_path: Path) -> None:
 def test_worker_headers_are_documented(doc: dict[str, Any]) -> None:
     """The headers a worker sets on retries and dead-letters, as mlpipe.worker.settle names
     them (the generator lists them without importing the worker)."""
-    from mlpipe.worker.settle import MLPIPE_HEADERS
+    from mlpipe.worker.headers import MLPIPE_HEADERS
 
     documented = set(doc["components"]["schemas"]["TaskHeaders"]["properties"])
     assert set(MLPIPE_HEADERS) | {"traceparent"} == documented

@@ -16,7 +16,7 @@ from mlpipe.errors import TransientError
 from mlpipe.handlers import Cost
 from mlpipe.settings import RetryPolicy, Settings
 from mlpipe.testing import TaskHarness
-from mlpipe.worker.outcome import Ack, DeadLetter, Retry
+from mlpipe.worker.outcome import Ack, DeadLetter, Retry, Skip
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,8 @@ async def test_concurrent_double_fire_is_acked_and_other_input_deferred() -> Non
         release.set()
         done = await first
     assert (done.outcome, done.skipped) == (Ack(), None)
-    assert (double.outcome, double.skipped, double.events) == (Ack(), "duplicate_in_flight", ())
+    assert (double.outcome, double.skipped, double.events) == (Skip("duplicate_in_flight"),
+                                                               "duplicate_in_flight", ())
     assert isinstance(other.outcome, Retry)
     assert (other.reason, other.outcome.counts) == ("lock_contention", False)
     assert calls == ["A"]

@@ -7,7 +7,8 @@ The order is what makes double-fires cheap and crashes harmless:
    unacked until it finishes, and is redelivered if the holder dies: nothing is lost). Held for
    another input, or by this very message (its earlier delivery's worker died): deferred until
    the lock frees, without using up retries;
-2. **stored result** with the same input hash (checked under the lock, so a duplicate that
+2. **covered**: a workflow watching the task may say it moved past it (``hooks.Workflow``);
+   else the **stored result** with the same input hash (checked under the lock, so a duplicate that
    raced a just-finished run sees its result): ack without running. ``forceRecompute`` skips
    this check;
 3. **budget** pre-flight: reserve the estimated cost or refuse;
@@ -43,20 +44,18 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from mlpipe.contract.models import Task
 from mlpipe.errors import Deferred, PublishError, TransientError
+from mlpipe.execution import Bindings, Runtime, run_handler
 from mlpipe.handlers import HandlerResult, HandlerSpec, TaskContext
 from mlpipe.idempotency.lock import LockManager
-from mlpipe.observability.metrics import Metrics
-from mlpipe.producer import Producer
 from mlpipe.settings import Settings
 from mlpipe.store import outbox, results
 from mlpipe.store.pool import UNAVAILABLE, unavailable_is_transient
 from mlpipe.store.results import FenceRefused
-from mlpipe.worker.process import run_handler
-from mlpipe.workflow import video
-from mlpipe.workflow.deadline import DeadlineProcessor
+from mlpipe.worker.outcome import DeliveryProcessor, Skip
 
 from .budget import BudgetGuard
 from .events import OutboxRelay, add_completed, new_completed
+from .hooks import ControlHandler, ControlProcessor, Workflow, WorkflowEnv
 from .parking import Parked, ResultParking
 
 log = structlog.get_logger(__name__)
@@ -81,22 +80,40 @@ class EffectsExecutor:
         self._parking = parking
         self._relay: OutboxRelay | None = None
         self._events_exchange = ""
-        self._tasks_exchange = ""
-        self._timer: video.Timer | None = None
+        self._workflows: tuple[Workflow, ...] = ()
+        self._env: WorkflowEnv | None = None
 
-    def attach(self, producer: Producer, metrics: Metrics) -> None:
-        """Called by the daemon: result events and follow-up tasks leave through its producer;
-        budget checks report to its metrics."""
-        self._relay = OutboxRelay(self._pool, producer)
-        self._events_exchange = producer.topology.events_exchange
-        self._tasks_exchange = producer.topology.tasks_exchange
-        topo = producer.topology
-        tier = round(self._settings.workflow_timeout_s * 1000)
-        self._timer = video.Timer(topo.delay_exchange, topo.workflow_queue, topo.tier_for(tier))
-        self._budget.metrics = metrics
+    def bind(self, runtime: Runtime) -> Bindings:
+        """Called once by the daemon: result events and follow-up tasks leave through its
+        producer, budget checks report to its metrics, and the registry's workflows are
+        called around the tasks they watch."""
+        topo = runtime.producer.topology
+        self._relay = OutboxRelay(self._pool, runtime.producer)
+        self._events_exchange = topo.events_exchange
+        self._budget.metrics = runtime.metrics
+        self._workflows = tuple(runtime.workflows)
+        self._env = WorkflowEnv(topo.tasks_exchange, topo.delay_exchange, topo.workflow_queue,
+                                topo)
+        if not self._workflows:
+            return Bindings()
+        control: dict[str, ControlHandler] = {}
+        for workflow in self._workflows:
+            control.update(workflow.control)
+        processors: dict[str, DeliveryProcessor] = {}
+        if control:
+            processors[topo.workflow_queue] = ControlProcessor(self._settings, self._pool,
+                                                               control)
+        metrics = runtime.metrics
+
+        async def collect() -> None:
+            for workflow in self._workflows:
+                await workflow.collect_metrics(self._pool, metrics)
+
+        return Bindings(control_processors=processors, on_dead_letter=self._on_dead_letter,
+                        collect_metrics=collect)
 
     async def execute(self, task: Task, spec: HandlerSpec,
-                      ctx: TaskContext) -> HandlerResult | None:
+                      ctx: TaskContext) -> HandlerResult | Skip:
         digest = results.input_hash(task)
         tt = task.task_type.value
         ttl = max(1.0, spec.expected_runtime_s * LOCK_TTL_FACTOR)
@@ -106,24 +123,20 @@ class EffectsExecutor:
         if lease is None:
             if await self._is_concurrent_duplicate(tt, task.share_id, digest, ctx):
                 ctx.log.info("task.duplicate_in_flight")
-                return None
+                return Skip("duplicate_in_flight")
             raise Deferred(f"{tt} for {task.share_id} is locked by another run",
                            reason="lock_contention", delay_s=min(ttl, MAX_DEFER_S))
         async with lease:
-            if await self._nothing_to_do(task, digest, ctx):
-                return None
+            watching = [w for w in self._workflows if w.watches(task)]
+            covered = await self._covered(task, digest, ctx, watching)
+            if covered is not None:
+                return Skip(covered)
+            if watching:
+                await self._before_run(task, watching)
             parked = self._find_parked(task, digest, ctx, lease.peeked)
             if parked is not None:  # paid for by an earlier delivery whose store failed
-                ctx.log.info("task.parked_result_stored", processing_ms=parked.processing_ms)
-                try:
-                    pending = await asyncio.shield(self._persist(
-                        task, parked.result, digest, parked.processing_ms, None,
-                        ctx.message_id, lease.fence))
-                except FenceRefused as refused:
-                    return await self._refused(task, parked.result, refused, ctx)
-                await self._unpark(task)
-                await self._publish(pending)
-                return parked.result
+                return await self._store_parked(task, parked, digest, ctx, lease.fence,
+                                                watching)
             reservation = await self._budget.reserve(task, spec)
             started = time.monotonic()
             try:
@@ -138,7 +151,7 @@ class EffectsExecutor:
             try:
                 pending = await asyncio.shield(self._persist(task, result, digest, elapsed_ms,
                                                              reservation, ctx.message_id,
-                                                             lease.fence))
+                                                             lease.fence, watching))
             except FenceRefused as refused:
                 return await self._refused(task, result, refused, ctx)
             except BaseException:
@@ -147,55 +160,70 @@ class EffectsExecutor:
             await self._publish(pending)
             return result
 
+    async def _store_parked(self, task: Task, parked: Parked, digest: str, ctx: TaskContext,
+                            fence: int, watching: list[Workflow]) -> HandlerResult | Skip:
+        ctx.log.info("task.parked_result_stored", processing_ms=parked.processing_ms)
+        try:
+            pending = await asyncio.shield(self._persist(
+                task, parked.result, digest, parked.processing_ms, None, ctx.message_id, fence,
+                watching))
+        except FenceRefused as refused:
+            return await self._refused(task, parked.result, refused, ctx)
+        await self._unpark(task)
+        await self._publish(pending)
+        return parked.result
+
     async def _refused(self, task: Task, result: HandlerResult, refused: FenceRefused,
-                       ctx: TaskContext) -> HandlerResult | None:
+                       ctx: TaskContext) -> HandlerResult | Skip:
         """The fence kept the stored row. Written under this very lease (an attempt that
         committed but whose reply was lost): a success whose events may still be pending.
         Written under a newer lease: the newer holder's result and event stand, this run
-        stores and announces nothing, and the delivery is acked (None: skipped)."""
+        stores and announces nothing, and the delivery is acked without a second event."""
         if refused.stored_fence == refused.fence:
             await self._flush(task)
             return result
         ctx.log.warning("result.fenced", fence=refused.fence, stored_fence=refused.stored_fence)
-        return None
+        return Skip("fenced")
 
-    async def _nothing_to_do(self, task: Task, digest: str, ctx: TaskContext) -> bool:
-        """Under the lock: is the work already covered (superseded by the video workflow, or
-        stored from this very input)? Also moves a video workflow to ``video_transcribing``."""
-        async with unavailable_is_transient("workflow check"):
-            if await video.superseded(self._pool, task):
-                ctx.log.info("task.superseded", why="rich embedding already stored")
-                return True
+    async def _covered(self, task: Task, digest: str, ctx: TaskContext,
+                       watching: list[Workflow]) -> str | None:
+        """Under the lock: is the work covered already (a workflow moved past it, or a result
+        of this very input is stored)? The reason to skip it, or None."""
+        if watching:
+            async with unavailable_is_transient("workflow check"):
+                for workflow in watching:
+                    reason = await workflow.skip_reason(self._pool, task)
+                    if reason is not None:
+                        ctx.log.info("task.superseded", workflow=workflow.name, why=reason)
+                        return reason
         if not task.payload.options.force_recompute:
             async with unavailable_is_transient("stored-result check"):
                 stored = await results.get(self._pool, task.share_id, task.task_type.value)
             if stored is not None and stored.input_hash == digest:
                 ctx.log.info("task.already_done")
                 await self._flush(task)  # events a crash kept from going out
-                return True
-        if video.is_video(task):
-            async with unavailable_is_transient("workflow start"):
-                await video.before_run(self._pool, task, self._timer)
-            await self._flush(task)  # the workflow deadline, if one was just armed
-        return False
+                return "already_done"
+        return None
 
-    async def collect_metrics(self, metrics: Metrics) -> None:
-        """Workflow gauges, read at scrape time: a replica that is down exports nothing stale."""
-        counts, oldest = await video.state_counts(self._pool)
-        for state, n in counts.items():
-            metrics.workflows.labels(state.value).set(n)
-        metrics.oldest_workflow_age.set(oldest)
+    async def _before_run(self, task: Task, watching: list[Workflow]) -> None:
+        """The workflows' ``before_run`` in one transaction; what they queued (a deadline) is
+        published before the handler runs."""
+        assert self._env is not None
+        async with unavailable_is_transient("workflow start"), self._pool.acquire() as conn, \
+                conn.transaction():
+            for workflow in watching:
+                await workflow.before_run(conn, task, self._env)
+        await self._flush(task)
 
-    def control_processors(self) -> dict[str, DeadlineProcessor]:
-        """Queues besides the task queues this executor needs consumed: workflow deadlines."""
-        if self._timer is None:
-            return {}
-        return {self._timer.control_queue: DeadlineProcessor(self._settings, self._pool)}
-
-    async def on_dead_letter(self, task: Task, reason: str) -> None:
-        """A task failed for good: let the workflow fall back (transcription -> caption-only)."""
-        async with unavailable_is_transient("workflow fallback"):
-            await video.on_dead_letter(self._pool, task, reason)
+    async def _on_dead_letter(self, task: Task, reason: str) -> None:
+        """A task failed for good: the workflows watching it fall back."""
+        watching = [w for w in self._workflows if w.watches(task)]
+        if not watching:
+            return
+        async with unavailable_is_transient("workflow fallback"), \
+                self._pool.acquire() as conn, conn.transaction():
+            for workflow in watching:
+                await workflow.on_dead_letter(conn, task, reason)
 
     async def _is_concurrent_duplicate(self, task_type: str, share_id: str, digest: str,
                                        ctx: TaskContext) -> bool:
@@ -245,8 +273,8 @@ class EffectsExecutor:
             await self._parking.drop(task.task_type.value, task.share_id)
 
     async def _persist(self, task: Task, result: HandlerResult, digest: str, elapsed_ms: int,
-                       reservation: int | None, message_id: str | None, fence: int
-                       ) -> list[outbox.OutboxMessage]:
+                       reservation: int | None, message_id: str | None, fence: int,
+                       watching: list[Workflow]) -> list[outbox.OutboxMessage]:
         """Store the result, its costs and its outbox rows in one transaction; returns the
         outbox rows to publish once it committed. ``FenceRefused`` when the stored row's
         fencing token is not lower than ``fence`` (nothing written)."""
@@ -258,7 +286,7 @@ class EffectsExecutor:
                     stop=stop_after_delay(self._settings.persist_retry_s), reraise=True):
                 with attempt:
                     if self._relay is not None and reservation is None and not result.costs \
-                            and not video.has_result_hook(task):
+                            and not watching:
                         # the common case: one statement, no explicit transaction
                         exchange, key, event_id, body = new_completed(
                             task, result, self._events_exchange, message_id)
@@ -268,12 +296,14 @@ class EffectsExecutor:
                             routing_key=key, message_id=event_id, event=body)
                     else:
                         pending = await self._persist_in_transaction(
-                            task, result, digest, elapsed_ms, reservation, message_id, fence)
+                            task, result, digest, elapsed_ms, reservation, message_id, fence,
+                            watching)
         return pending
 
     async def _persist_in_transaction(self, task: Task, result: HandlerResult, digest: str,
                                       elapsed_ms: int, reservation: int | None,
-                                      message_id: str | None, fence: int
+                                      message_id: str | None, fence: int,
+                                      watching: list[Workflow]
                                       ) -> list[outbox.OutboxMessage]:
         pending: list[outbox.OutboxMessage] = []
         async with self._pool.acquire() as conn, conn.transaction():
@@ -281,7 +311,9 @@ class EffectsExecutor:
                                correlation_id=task.metadata.correlation_id,
                                reservation_id=reservation, fence=fence)
             if self._relay is not None:
-                await video.on_result(conn, task, result, self._tasks_exchange)
+                assert self._env is not None
+                for workflow in watching:
+                    await workflow.on_result(conn, task, result, self._env)
                 pending = await add_completed(conn, task, result, self._events_exchange,
                                               message_id)
         return pending

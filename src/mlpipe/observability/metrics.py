@@ -31,6 +31,9 @@ class Metrics:
                                ["task_type", "reason"], registry=r)
         self.dead_letters = Counter("mlpipe_dead_letters", "Dead-lettered deliveries by reason.",
                                     ["task_type", "reason"], registry=r)
+        self.skipped = Counter("mlpipe_skipped", "Deliveries acked without running the handler "
+                               "(duplicate in flight, already done, superseded, fenced).",
+                               ["task_type", "reason"], registry=r)
         self.cost = Counter("mlpipe_cost_usd", "Money spent on paid calls.",
                             ["task_type", "model"], registry=r)
         self.units = Counter("mlpipe_units_processed",

@@ -18,10 +18,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from mlpipe.broker.topology import WorkQueue, parse_queue_names
+from mlpipe.execution import Executor
 from mlpipe.handlers import Registry
 from mlpipe.settings import Settings
 from mlpipe.worker.daemon import Daemon
-from mlpipe.worker.process import Executor
 
 
 async def wait_for(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0,

@@ -45,12 +45,14 @@ from mlpipe.contract.codec import encode
 from mlpipe.contract.models import Task
 from mlpipe.effects.events import completed_event
 from mlpipe.errors import BudgetExceeded, Deferred
+from mlpipe.execution import Bindings, Runtime, run_handler
 from mlpipe.handlers import Cost, HandlerResult, HandlerSpec, Registry, TaskContext
 from mlpipe.settings import Settings
 from mlpipe.store.results import input_hash
-from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, Retry
-from mlpipe.worker.process import Processor, run_handler
-from mlpipe.worker.settle import H_DEFERRALS, failed_event
+from mlpipe.worker.headers import H_DEFERRALS
+from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, Retry, Skip
+from mlpipe.worker.process import Processor
+from mlpipe.worker.settle import failed_event
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +85,7 @@ class Run:
 
     @property
     def acked(self) -> bool:
-        return isinstance(self.outcome, Ack)
+        return isinstance(self.outcome, Ack | Skip)
 
     @property
     def reason(self) -> str | None:
@@ -127,20 +129,21 @@ class MemoryEffects:
         self.ledger: list[tuple[float, str, Decimal]] = []
         self.reservations: dict[int, tuple[float, str, Decimal]] = {}
         self.events: list[dict[str, Any]] = []
-        #: message id -> why its delivery was acked without running.
-        self.skipped: dict[str | None, str] = {}
         self._next_reservation = 0
 
+    def bind(self, runtime: Runtime) -> Bindings:
+        """Nothing to wire up: there is no broker, and workflows need the real store."""
+        return Bindings()
+
     async def execute(self, task: Task, spec: HandlerSpec,
-                      ctx: TaskContext) -> HandlerResult | None:
+                      ctx: TaskContext) -> HandlerResult | Skip:
         tt, share = task.task_type.value, task.share_id
         digest = input_hash(task)
         holder = self.locks.get((tt, share))
         if holder is not None:
             held_digest, _, held_message = holder.partition("/")
             if held_digest == digest and held_message != str(ctx.message_id):
-                self.skipped[ctx.message_id] = "duplicate_in_flight"
-                return None
+                return Skip("duplicate_in_flight")
             raise Deferred(f"{tt} for {share} is locked by another run",
                            reason="lock_contention")
         self.locks[(tt, share)] = f"{digest}/{ctx.message_id}"
@@ -148,8 +151,7 @@ class MemoryEffects:
             stored = self.results.get((tt, share))
             if stored is not None and stored.input_hash == digest \
                     and not task.payload.options.force_recompute:
-                self.skipped[ctx.message_id] = "already_done"
-                return None
+                return Skip("already_done")
             reservation = self._reserve(task, spec)
             try:
                 result = await run_handler(task, spec, ctx, self._settings.handler_timeout_s)
@@ -237,8 +239,8 @@ class TaskHarness:
         if processed.result is not None and processed.task_type != "invalid":
             share = json.loads(body)["shareId"]
             stored = self.effects.results.get((processed.task_type, share))
-        return Run(processed.outcome, processed.task_type, processed.result,
-                   self.effects.skipped.get(message.message_id), stored,
+        skipped = processed.outcome.reason if isinstance(processed.outcome, Skip) else None
+        return Run(processed.outcome, processed.task_type, processed.result, skipped, stored,
                    tuple(self.effects.events[events_before:]))
 
     async def send_all(self, *tasks: Task | dict[str, Any] | bytes) -> list[Run]:

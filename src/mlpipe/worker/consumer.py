@@ -31,9 +31,18 @@ from mlpipe.broker.topology import WorkQueue
 from mlpipe.observability.metrics import Metrics
 from mlpipe.settings import QueueTuning
 from mlpipe.worker.delivery import Delivery, InboundMessage
-from mlpipe.worker.outcome import Ack, DeadLetter, Retry
-from mlpipe.worker.process import DeliveryProcessor, Processed
+from mlpipe.worker.outcome import (
+    DeadLetter,
+    DeliveryProcessor,
+    Processed,
+    Requeue,
+    Retry,
+    Skip,
+)
 from mlpipe.worker.settle import Settler
+
+#: The outcome of a delivery handed back unsettled (shutdown).
+REQUEUE = Requeue()
 
 log = structlog.get_logger(__name__)
 
@@ -147,11 +156,11 @@ class QueueConsumer:
 
     async def _run(self, message: InboundMessage) -> None:
         if not self._accepting:
-            await self._settler.requeue(message)
+            await self._settler.settle(message, REQUEUE, self.queue_name)
             return
         async with self._slots:
             if not self._accepting:
-                await self._settler.requeue(message)
+                await self._settler.settle(message, REQUEUE, self.queue_name)
                 return
             self.running += 1  # the in-flight gauge reads this when scraped
             started = time.monotonic()
@@ -160,8 +169,8 @@ class QueueConsumer:
             except asyncio.CancelledError:
                 # Shutdown ran out of grace: hand the delivery back, shielded so the nack is
                 # sent even though this task is being cancelled.
-                await asyncio.shield(self._settler.requeue(message))
-                self._metrics.tasks.labels("unknown", self.queue_name, "requeue").inc()
+                await asyncio.shield(self._settler.settle(message, REQUEUE, self.queue_name))
+                self._metrics.tasks.labels("unknown", self.queue_name, REQUEUE.label).inc()
                 raise
             finally:
                 self.running -= 1
@@ -169,7 +178,7 @@ class QueueConsumer:
             assert me is not None
             self._settling.add(me)
             try:
-                await self._settler.settle(message, done.outcome, self.queue_name)
+                await self._settler.settle(message, done, self.queue_name)
             finally:
                 self._settling.discard(me)
             self._record(done, time.monotonic() - started)
@@ -177,8 +186,7 @@ class QueueConsumer:
 
     def _record(self, done: Processed, seconds: float) -> None:
         m, tt, outcome = self._metrics, done.task_type, done.outcome
-        kind = ("ack" if isinstance(outcome, Ack) else
-                "retry" if isinstance(outcome, Retry) else "dead_letter")
+        kind = outcome.label
         children = self._children.get((tt, kind))
         if children is None:
             children = (m.tasks.labels(tt, self.queue_name, kind),
@@ -190,6 +198,8 @@ class QueueConsumer:
             m.retries.labels(tt, outcome.reason).inc()
         elif isinstance(outcome, DeadLetter):
             m.dead_letters.labels(tt, outcome.reason).inc()
+        elif isinstance(outcome, Skip):
+            m.skipped.labels(tt, outcome.reason).inc()
         if done.result is not None:
             for cost in done.result.costs:
                 m.cost.labels(tt, cost.model).inc(float(cost.usd))

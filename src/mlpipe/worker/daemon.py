@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -30,20 +30,14 @@ from aio_pika.abc import AbstractConnection
 
 from mlpipe.broker.connection import Backoff, BrokerConnection
 from mlpipe.broker.topology import WorkQueue, declare
+from mlpipe.execution import DirectExecutor, Executor, Runtime
 from mlpipe.handlers import METRICS_RESOURCE, Registry
 from mlpipe.observability.http import HealthServer, ReadinessCheck
 from mlpipe.observability.metrics import Metrics
 from mlpipe.producer import Producer
 from mlpipe.settings import QueueTuning, Settings
 from mlpipe.worker.consumer import QueueConsumer
-from mlpipe.worker.process import (
-    ControlQueues,
-    DirectExecutor,
-    Executor,
-    MetricsSource,
-    Processor,
-    PublishingExecutor,
-)
+from mlpipe.worker.process import Processor
 from mlpipe.worker.recycle import Recycler
 from mlpipe.worker.settle import Settler
 
@@ -81,15 +75,14 @@ class Daemon:
         ident = name or f"mlpipe-worker@{socket.gethostname()}:{os.getpid()}"
         self.producer = Producer(settings, name=f"{ident}/publish")
         self.topology = self.producer.topology
-        self._settler = Settler(self.producer, self.topology)
         self._registry = registry
         self.resources: dict[str, Any] = dict(resources or {})
         self._resource_stack = contextlib.AsyncExitStack()
         self.metrics = Metrics()
         self.resources.setdefault(METRICS_RESOURCE, self.metrics)
         executor = executor or DirectExecutor(settings)
-        if isinstance(executor, PublishingExecutor):
-            executor.attach(self.producer, self.metrics)
+        bindings = executor.bind(Runtime(self.producer, self.metrics, registry.workflows))
+        self._settler = Settler(self.producer, self.topology, bindings.on_dead_letter)
         self._processor = Processor(settings, registry, executor, self.resources)
         self._recycler = Recycler(settings.max_tasks, settings.max_rss_mb)
         self._queues = list(queues)
@@ -98,17 +91,16 @@ class Daemon:
                           self._processor, self._settler, self._on_settled, self.metrics)
             for q in queues
         ]
-        if isinstance(executor, ControlQueues):
-            for name, processor in executor.control_processors().items():
-                self.consumers.append(QueueConsumer(
-                    WorkQueue(name, ()), name, QueueTuning(prefetch=16, concurrency=4),
-                    processor, self._settler, self._on_settled, self.metrics))
+        for name, processor in bindings.control_processors.items():
+            self.consumers.append(QueueConsumer(
+                WorkQueue(name, ()), name, QueueTuning(prefetch=16, concurrency=4),
+                processor, self._settler, self._on_settled, self.metrics))
         self.http: HealthServer | None = None
         if settings.http_port >= 0:
             self.http = HealthServer(self.metrics, lambda: asdict(self.status()),
                                      host=settings.http_host, port=settings.http_port,
                                      checks=readiness, refresh=self._refresh_metrics,
-                                     collect=self._collect_metrics(executor))
+                                     collect=bindings.collect_metrics)
         self._conn = BrokerConnection(
             settings.broker_url, name=f"{ident}/consume", on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
@@ -195,12 +187,6 @@ class Daemon:
             reconnects=self._conn.reconnects,
             stopping=self._stop_requested.is_set(),
         )
-
-    def _collect_metrics(self, executor: object) -> Callable[[], Awaitable[None]] | None:
-        if not isinstance(executor, MetricsSource):
-            return None
-        source = executor
-        return lambda: source.collect_metrics(self.metrics)
 
     def _refresh_metrics(self) -> None:
         """Gauges that mirror state are read when Prometheus scrapes, not kept in sync."""

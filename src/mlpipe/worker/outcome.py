@@ -1,7 +1,9 @@
 """The one place that decides what happens to a delivery.
 
-Every delivery ends in exactly one of: **ack**, **delayed retry**, or **dead-letter**. The
-decision depends only on what was raised and how often the task was already retried:
+Every delivery that ran ends in exactly one of: **ack**, **delayed retry**, or
+**dead-letter** (a delivery acked without running is a ``Skip``, one handed back unsettled a
+``Requeue``). The decision depends only on what was raised and how often the task was already
+retried:
 
 =========================================  ===========================================
 raised                                      outcome
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from mlpipe.errors import Deferred, PermanentError, TransientError
 from mlpipe.settings import RetryPolicy
@@ -32,7 +35,22 @@ MAX_ERROR_TEXT = 1000
 
 @dataclass(frozen=True)
 class Ack:
-    pass
+    """The handler ran and its effects are durable."""
+
+    label: ClassVar[str] = "ack"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Acked without running the handler: the work is covered already. ``reason`` is
+    ``duplicate_in_flight`` (the same input is running under another message, whose own
+    delivery stays unacked until it is done), ``already_done`` (stored from this input),
+    ``superseded`` (a workflow has moved past it) or ``fenced`` (a newer lease stored it).
+    Counted as an ack in ``mlpipe_tasks_total`` (the broker saw one), and by reason in
+    ``mlpipe_skipped_total``."""
+
+    reason: str
+    label: ClassVar[str] = "ack"
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class Retry:
     error: str
     #: False for deferrals: they do not use up the retry budget.
     counts: bool = True
+    label: ClassVar[str] = "retry"
 
 
 @dataclass(frozen=True)
@@ -49,9 +68,39 @@ class DeadLetter:
     reason: str
     error_class: str
     error: str
+    label: ClassVar[str] = "dead_letter"
 
 
-Outcome = Ack | Retry | DeadLetter
+@dataclass(frozen=True)
+class Requeue:
+    """Handed back to the broker unsettled: the daemon is stopping, or a settle could not
+    publish. Redelivered as is; not a retry."""
+
+    label: ClassVar[str] = "requeue"
+
+
+#: Every path of a delivery ends in exactly one of these; ``settle`` turns it into broker calls
+#: and the metrics count it under its ``label``.
+Outcome = Ack | Skip | Retry | DeadLetter | Requeue
+
+
+@dataclass(frozen=True)
+class Processed:
+    """A delivery after processing: its outcome, the task type (``invalid`` for a message that
+    is no task), the handler's result when it ran, and the decoded task when there is one
+    (the dead-letter branch tells the workflows about it)."""
+
+    outcome: Outcome
+    task_type: str
+    result: Any = None
+    task: Any = None
+
+
+class DeliveryProcessor(Protocol):
+    """Turns one delivery into a ``Processed``; the task processor and control-queue
+    processors (workflow deadlines) plug into ``QueueConsumer`` through this."""
+
+    async def process(self, message: Any, queue: str) -> Processed: ...
 
 
 def backoff_delay(policy: RetryPolicy, retry_count: int) -> float:

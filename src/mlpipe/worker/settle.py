@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -22,40 +23,26 @@ from mlpipe.contract import events
 from mlpipe.errors import PublishError
 from mlpipe.producer import Producer
 from mlpipe.worker.delivery import InboundMessage
-from mlpipe.worker.outcome import Ack, DeadLetter, Outcome, Retry
+from mlpipe.worker.headers import (
+    H_ATTEMPTS,
+    H_DEAD_AT,
+    H_DEFERRALS,
+    H_ERROR,
+    H_ERROR_CLASS,
+    H_ORIGIN_QUEUE,
+    H_REASON,
+    H_RETRY_COUNT,
+    H_ROUTING_KEY,
+    deferrals_of,
+    original_routing_key,
+    retry_count_of,
+)
+from mlpipe.worker.outcome import DeadLetter, Outcome, Processed, Requeue, Retry
 
 log = structlog.get_logger(__name__)
 
-#: Headers mlpipe adds; ``dlq replay`` strips them again.
-H_REASON = "x-mlpipe-reason"
-H_ERROR_CLASS = "x-mlpipe-error-class"
-H_ERROR = "x-mlpipe-error"
-H_ATTEMPTS = "x-mlpipe-attempts"
-H_ORIGIN_QUEUE = "x-mlpipe-origin-queue"
-H_ROUTING_KEY = "x-mlpipe-routing-key"
-H_RETRY_COUNT = "x-mlpipe-retry-count"
-H_DEAD_AT = "x-mlpipe-dead-lettered-at"
-H_DEFERRALS = "x-mlpipe-deferrals"
-MLPIPE_HEADERS = (H_REASON, H_ERROR_CLASS, H_ERROR, H_ATTEMPTS, H_ORIGIN_QUEUE, H_ROUTING_KEY,
-                  H_RETRY_COUNT, H_DEAD_AT, H_DEFERRALS, DELAY_TIER_HEADER)
-
-
-def _int_header(message: InboundMessage, name: str) -> int:
-    raw = (message.headers or {}).get(name, 0)
-    return max(0, raw) if isinstance(raw, int) else 0
-
-
-def retry_count_of(message: InboundMessage) -> int:
-    """How often this delivery was already retried: the header we set, else 0."""
-    return _int_header(message, H_RETRY_COUNT)
-
-
-def deferrals_of(message: InboundMessage) -> int:
-    return _int_header(message, H_DEFERRALS)
-
-
-def original_routing_key(message: InboundMessage) -> str:
-    return str((message.headers or {}).get(H_ROUTING_KEY) or message.routing_key or "")
+#: What the dead-letter branch tells the workflows: the task failed for good, and why.
+DeadLetterHook = Callable[[Any, str], Awaitable[None]]
 
 
 def _copy(message: InboundMessage, body: bytes, headers: dict[str, Any],
@@ -103,29 +90,43 @@ def bump_retry_count(body: bytes, retry_count: int) -> bytes:
 
 
 class Settler:
-    """Turns outcomes into broker operations for one daemon."""
+    """Turns outcomes into broker operations for one daemon: the only place that acks, nacks,
+    re-publishes or dead-letters a delivery. ``on_dead_letter`` (the workflows' fallback) runs
+    on the dead-letter branch, before the ``failed`` event and the dead-letter publish."""
 
-    def __init__(self, producer: Producer, topology: Topology) -> None:
+    def __init__(self, producer: Producer, topology: Topology,
+                 on_dead_letter: DeadLetterHook | None = None) -> None:
         self._producer = producer
         self._topo = topology
+        self.on_dead_letter = on_dead_letter
 
-    async def settle(self, message: InboundMessage, outcome: Outcome,
+    async def settle(self, message: InboundMessage, done: Processed | Outcome,
                      origin_queue: str) -> None:
+        processed = done if isinstance(done, Processed) else Processed(done, "unknown")
+        outcome = processed.outcome
+        if isinstance(outcome, Requeue):
+            await self._requeue(message)
+            return
         try:
             if isinstance(outcome, Retry):
                 await self._retry(message, outcome, origin_queue)
             elif isinstance(outcome, DeadLetter):
+                await self._tell_workflows(processed.task, outcome)
                 await self._dead_letter(message, outcome, origin_queue)
         except PublishError as exc:
             log.warning("settle.publish_failed_requeue", error=str(exc),
                         message_id=message.message_id)
             await self._requeue(message)
             return
-        assert isinstance(outcome, Ack | Retry | DeadLetter)
-        await self._ack(message)
+        await self._ack(message)  # Ack, Skip, and a Retry or DeadLetter once re-published
 
-    async def requeue(self, message: InboundMessage) -> None:
-        await self._requeue(message)
+    async def _tell_workflows(self, task: Any, outcome: DeadLetter) -> None:
+        if task is None or self.on_dead_letter is None:
+            return
+        try:
+            await self.on_dead_letter(task, outcome.reason)
+        except Exception as exc:  # the dead-letter itself must still happen
+            log.warning("task.dead_letter_hook_failed", error=repr(exc))
 
     async def _retry(self, message: InboundMessage, outcome: Retry,
                      origin_queue: str) -> None:
@@ -191,5 +192,3 @@ class Settler:
         except Exception as exc:
             log.warning("settle.nack_failed", error=repr(exc), message_id=message.message_id)
 
-
-__all__ = ["MLPIPE_HEADERS", "Ack", "Settler"]

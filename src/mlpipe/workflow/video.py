@@ -21,6 +21,10 @@ The timeout is a message, not a poll: when transcription starts, a deadline mess
 through a delay queue of ``workflow_timeout_s`` and comes back on ``mlpipe.workflow``, where
 the daemon moves a share still waiting for its transcript to ``failed_transcription``.
 
+``VideoWorkflow`` is these steps as an ``mlpipe.effects.hooks.Workflow``: register it with
+``registry.add_workflow(VideoWorkflow(settings.workflow_timeout_s))`` (the shipped handlers'
+``build_registry`` does).
+
 Transitions only move forward, so a redelivered or duplicated step changes nothing; follow-up
 tasks carry deterministic message ids and meet the stored-result check downstream, so no paid
 step runs twice. A caption embedding that arrives after the rich one (a re-submitted share) is
@@ -35,8 +39,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from mlpipe.broker.topology import DELAY_TIER_HEADER, routing_key_for
-from mlpipe.contract.codec import encode
+import structlog
+
 from mlpipe.contract.models import (
     ContentType,
     EmbedTask,
@@ -46,9 +50,13 @@ from mlpipe.contract.models import (
     TranscribeTask,
     build_task,
 )
+from mlpipe.effects.hooks import Workflow, WorkflowEnv
+from mlpipe.errors import ContractError
 from mlpipe.handlers import HandlerResult
-from mlpipe.store import outbox
+from mlpipe.observability.metrics import Metrics
 from mlpipe.store.pool import DB
+
+log = structlog.get_logger(__name__)
 
 
 class State(StrEnum):
@@ -136,77 +144,81 @@ async def state_counts(conn: DB) -> tuple[dict[State, int], float]:
     return counts, oldest
 
 
-# --- hooks called by the effects executor ------------------------------------------------------
-
-
-async def superseded(conn: DB, task: Task) -> bool:
-    """A caption embedding for a share whose rich embedding already landed must not replace it."""
-    if not (isinstance(task, EmbedTask) and task.payload.content.type is ContentType.CAPTION):
-        return False
-    return await state_of(conn, task.share_id) is State.COMPLETED
-
-
-@dataclass(frozen=True)
-class Timer:
-    """Where a workflow deadline goes: the delay exchange, the tier that holds it, and the
-    control queue it comes back to."""
-
-    delay_exchange: str
-    control_queue: str
-    tier_ms: int
-
-
-async def before_run(conn: DB, task: Task, timer: Timer | None) -> None:
-    """Transcription is starting: the workflow enters ``video_transcribing`` and, the first
-    time, arms its deadline (published by the caller's outbox flush)."""
-    if not is_video(task):
-        return
-    await start(conn, task.share_id, "submitted")
-    if await advance(conn, task.share_id, State.TRANSCRIBING, "transcription started") \
-            and timer is not None:
-        await outbox.add(
-            conn, share_id=task.share_id, task_type=task.task_type.value, kind="task",
-            exchange=timer.delay_exchange, routing_key=timer.control_queue,
-            message_id=f"wf-deadline:{task.share_id}",
-            body={"kind": DEADLINE, "shareId": task.share_id,
-                  "correlationId": task.metadata.correlation_id},
-            headers={DELAY_TIER_HEADER: str(timer.tier_ms)})
-
+# --- the workflow's hooks ----------------------------------------------------------------------
 
 DEADLINE = "video_deadline"
 
 
-async def on_deadline(conn: DB, share_id: str, timeout_s: float) -> bool:
-    """The deadline fired: still no transcript means caption-only. True if it fell back."""
-    return await advance(conn, share_id, State.FAILED_TRANSCRIPTION,
-                         f"no transcript within {timeout_s:g}s; caption-only")
+class VideoWorkflow(Workflow):
+    """The hooks above, as the effects layer calls them. ``timeout_s``: how long a share may
+    wait for its transcript before it falls back to caption-only."""
 
+    name = "video"
 
-def has_result_hook(task: Task) -> bool:
-    """Whether ``on_result`` does anything for this task (the executor's fast path needs not)."""
-    if isinstance(task, EmbedTask):
-        return task.payload.content.type is ContentType.TRANSCRIPT
-    return is_video(task) or isinstance(task, SummarizeVideoCombinedTask)
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self.control = {DEADLINE: self._on_deadline}
 
+    def watches(self, task: Task) -> bool:
+        if isinstance(task, EmbedTask):
+            return task.payload.content.type in (ContentType.CAPTION, ContentType.TRANSCRIPT)
+        return is_video(task) or isinstance(task, SummarizeVideoCombinedTask)
 
-async def on_result(conn: DB, task: Task, result: HandlerResult, tasks_exchange: str) -> None:
-    """Inside the result's transaction: move the state on and queue the next step."""
-    if isinstance(task, TranscribeTask) and task.payload.video is not None:
+    async def skip_reason(self, conn: DB, task: Task) -> str | None:
+        """A caption embedding for a share whose rich embedding already landed must not
+        replace it."""
+        if isinstance(task, EmbedTask) and task.payload.content.type is ContentType.CAPTION \
+                and await state_of(conn, task.share_id) is State.COMPLETED:
+            return "superseded"
+        return None
+
+    async def before_run(self, conn: DB, task: Task, env: WorkflowEnv) -> None:
+        """Transcription is starting: the workflow enters ``video_transcribing`` and, the
+        first time, arms its deadline."""
+        if not is_video(task):
+            return
         await start(conn, task.share_id, "submitted")
-        if await advance(conn, task.share_id, State.SUMMARIZING, "transcript stored"):
-            await _follow_up(conn, task, tasks_exchange, _combined_summary(task, result))
-    elif isinstance(task, SummarizeVideoCombinedTask):
-        if await state_of(conn, task.share_id) is State.SUMMARIZING:
-            await _follow_up(conn, task, tasks_exchange, _rich_embedding(task, result))
-    elif isinstance(task, EmbedTask) and task.payload.content.type is ContentType.TRANSCRIPT:
-        await advance(conn, task.share_id, State.COMPLETED, "rich embedding stored")
+        if await advance(conn, task.share_id, State.TRANSCRIBING, "transcription started"):
+            await env.schedule(conn, task, DEADLINE,
+                               {"shareId": task.share_id,
+                                "correlationId": task.metadata.correlation_id},
+                               self._timeout_s, message_id=f"wf-deadline:{task.share_id}")
 
+    async def on_result(self, conn: DB, task: Task, result: HandlerResult,
+                        env: WorkflowEnv) -> None:
+        """Inside the result's transaction: move the state on and queue the next step."""
+        if isinstance(task, TranscribeTask) and task.payload.video is not None:
+            await start(conn, task.share_id, "submitted")
+            if await advance(conn, task.share_id, State.SUMMARIZING, "transcript stored"):
+                await env.follow_up(conn, task, _combined_summary(task, result))
+        elif isinstance(task, SummarizeVideoCombinedTask):
+            if await state_of(conn, task.share_id) is State.SUMMARIZING:
+                await env.follow_up(conn, task, _rich_embedding(task, result))
+        elif isinstance(task, EmbedTask) and task.payload.content.type is ContentType.TRANSCRIPT:
+            await advance(conn, task.share_id, State.COMPLETED, "rich embedding stored")
 
-async def on_dead_letter(conn: DB, task: Task, reason: str) -> None:
-    if is_video(task):
-        await start(conn, task.share_id, "submitted")
-        await advance(conn, task.share_id, State.FAILED_TRANSCRIPTION,
-                      f"transcription failed ({reason}); caption-only")
+    async def on_dead_letter(self, conn: DB, task: Task, reason: str) -> None:
+        if is_video(task):
+            await start(conn, task.share_id, "submitted")
+            await advance(conn, task.share_id, State.FAILED_TRANSCRIPTION,
+                          f"transcription failed ({reason}); caption-only")
+
+    async def _on_deadline(self, conn: DB, doc: dict[str, Any]) -> None:
+        """The deadline fired: still no transcript means caption-only."""
+        share = doc.get("shareId")
+        if not isinstance(share, str):
+            raise ContractError(f"a video deadline without a shareId: {doc!r}"[:300])
+        fell_back = await advance(conn, share, State.FAILED_TRANSCRIPTION,
+                                  f"no transcript within {self._timeout_s:g}s; caption-only")
+        log.info("workflow.deadline", share_id=share, fell_back=fell_back)
+
+    async def collect_metrics(self, conn: DB, metrics: Metrics) -> None:
+        """Workflow gauges, read at scrape time: a replica that is down exports nothing
+        stale."""
+        counts, oldest = await state_counts(conn)
+        for state, n in counts.items():
+            metrics.workflows.labels(state.value).set(n)
+        metrics.oldest_workflow_age.set(oldest)
 
 
 def _combined_summary(task: TranscribeTask, result: HandlerResult) -> Task:
@@ -254,12 +266,3 @@ def _rich_embedding(task: SummarizeVideoCombinedTask, result: HandlerResult) -> 
 def _backend_option(task: Task) -> dict[str, Any]:
     backend = task.payload.options.backend
     return {"backend": backend.value} if backend is not None else {}
-
-
-async def _follow_up(conn: DB, cause: Task, exchange: str, task: Task) -> None:
-    body: dict[str, Any] = json.loads(encode(task))
-    headers = {"traceparent": task.metadata.traceparent} if task.metadata.traceparent else {}
-    await outbox.add(conn, share_id=cause.share_id, task_type=cause.task_type.value,
-                     kind="task", exchange=exchange, routing_key=routing_key_for(task),
-                     message_id=f"wf:{task.share_id}:{task.task_type.value}", body=body,
-                     headers=headers)
