@@ -30,7 +30,13 @@ from mlpipe.handlers import HandlerResult, Registry, TaskContext
 from mlpipe.settings import QueueTuning, Settings
 from mlpipe.testing import wait_for
 from mlpipe.worker.daemon import Daemon
-from mlpipe.worker.process import DirectExecutor
+
+try:  # where the layering of issue 16 puts it
+    from mlpipe.execution import DirectExecutor
+except ImportError:  # before it
+    from mlpipe.worker.process import (  # type: ignore[attr-defined,no-redef,unused-ignore]
+        DirectExecutor,
+    )
 
 #: Deliveries the broker may push ahead of acks, for every contender. Measured on the 2-core
 #: reference machine: 64-256 are within noise of each other for raw aio-pika and mlpipe, and

@@ -117,6 +117,8 @@ SELECT {_OUTBOX_COLUMNS} FROM ml_outbox WHERE share_id = $1 AND task_type = $2
 UNION ALL SELECT * FROM new ORDER BY id
 """
 _MARK_PUBLISHED = "UPDATE ml_outbox SET published_at = now() WHERE id = ANY($1)"
+_PENDING = (f"SELECT {_OUTBOX_COLUMNS} FROM ml_outbox WHERE share_id = $1 AND task_type = $2 "
+            "AND published_at IS NULL ORDER BY id")
 #: The issue-7 loop's upsert: no fence, no outbox.
 _UPSERT_NO_EVENT = """
 INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
@@ -340,8 +342,19 @@ async def hand_written_full(url: str, n: int, stores: Stores) -> Run:
         events = await (await conn.channel(publisher_confirms=True)).get_exchange(
             EVENTS_EXCHANGE, ensure=False)
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            done.started()
+        async def publish(pending: list[asyncpg.Record]) -> None:
+            """Each pending event, confirmed, in order; then their outbox rows marked."""
+            for row in pending:
+                body = row["body"]
+                await events.publish(aio_pika.Message(
+                    _dumps(body).encode(), content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=row["message_id"], correlation_id=body["correlationId"],
+                    type="ml.result"), row["routing_key"])
+            if pending:
+                await pool.execute(_MARK_PUBLISHED, [row["id"] for row in pending])
+
+        async def handle(message: AbstractIncomingMessage) -> None:
             doc = json.loads(message.body)
             share, task_type = doc["shareId"], doc["taskType"]
             digest = _input_hash(doc)
@@ -353,23 +366,27 @@ async def hand_written_full(url: str, n: int, stores: Stores) -> Run:
                 raise RuntimeError(f"lock {key} unexpectedly held")
             try:
                 # a caption whose video workflow completed is superseded (never, here)
-                superseded = await pool.fetchval(_WORKFLOW_STATE, share) == "completed"
-                stored = None if superseded else await pool.fetchrow(_STORED, share, task_type)
-                if not superseded and (stored is None or stored["input_hash"] != digest):
-                    pending = await pool.fetch(
-                        _UPSERT_WITH_EVENT, share, task_type, digest, RESULT, MODEL_VERSION,
-                        0, 0, int(got[0]), EVENTS_EXCHANGE, f"ml.result.{task_type}",
-                        uuid.uuid4().hex, _event(doc, message.message_id))
-                    for row in pending:
-                        body = row["body"]
-                        await events.publish(aio_pika.Message(
-                            _dumps(body).encode(), content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            message_id=row["message_id"], correlation_id=body["correlationId"],
-                            type="ml.result"), row["routing_key"])
-                    await pool.execute(_MARK_PUBLISHED, [row["id"] for row in pending])
+                if await pool.fetchval(_WORKFLOW_STATE, share) == "completed":
+                    return
+                stored = await pool.fetchrow(_STORED, share, task_type)
+                if stored is not None and stored["input_hash"] == digest:
+                    # a redelivery after a failure: the events the first attempt left behind
+                    await publish(await pool.fetch(_PENDING, share, task_type))
+                    return
+                await publish(await pool.fetch(
+                    _UPSERT_WITH_EVENT, share, task_type, digest, RESULT, MODEL_VERSION, 0, 0,
+                    int(got[0]), EVENTS_EXCHANGE, f"ml.result.{task_type}", uuid.uuid4().hex,
+                    _event(doc, message.message_id)))
             finally:
                 await release(keys=[key], args=[token])
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            done.started()
+            try:
+                await handle(message)
+            except Exception:
+                await _requeue(message)
+                return
             await message.ack()
             done.finished()
 
@@ -386,6 +403,14 @@ async def hand_written_full(url: str, n: int, stores: Stores) -> Run:
         await redis.aclose()
     await verify(url, queue, stores, n, events=True, outbox=True)
     return run
+
+
+async def _requeue(message: AbstractIncomingMessage) -> None:
+    """What any consumer does with a failed message: back to the queue, to be tried again (a
+    2 s Redis timeout on a loaded machine must cost a retry, not a lost message and a
+    timed-out round; mlpipe retries such failures too)."""
+    with contextlib.suppress(Exception):  # the channel is gone: the broker requeues it anyway
+        await message.nack(requeue=True)
 
 
 async def raw_no_events_full(url: str, n: int, stores: Stores) -> Run:
@@ -407,6 +432,15 @@ async def raw_no_events_full(url: str, n: int, stores: Stores) -> Run:
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         done.started()
+        try:
+            await handle(message)
+        except Exception:
+            await _requeue(message)
+            return
+        await message.ack()
+        done.finished()
+
+    async def handle(message: AbstractIncomingMessage) -> None:
         doc = json.loads(message.body)
         share, task_type = doc["shareId"], doc["taskType"]
         digest = _input_hash(doc)
@@ -424,8 +458,6 @@ async def raw_no_events_full(url: str, n: int, stores: Stores) -> Run:
                                        json.dumps(RESULT), MODEL_VERSION, 0, 0)
         finally:
             await release(keys=[key], args=[token])
-        await message.ack()
-        done.finished()
 
     conn = await aio_pika.connect(url, client_properties={"connection_name": "bench-raw-full"})
     try:
