@@ -115,17 +115,26 @@ async def test_task_logs_are_json_with_bound_fields_and_traceparent(
         env={**os.environ, "PYTHONPATH": str(ROOT), **effects_env,
              "TEST_HANDLER_LOG": str(log), "TEST_HANDLER_SLEEP_S": "0.05"},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    err: list[bytes] = []
+
+    async def read_stderr() -> None:
+        assert proc.stderr is not None
+        async for line in proc.stderr:
+            err.append(line)
+
+    reader = asyncio.create_task(read_stderr())
     settings = Settings(broker_url=effects_env["MLPIPE_BROKER_URL"])
     async with Producer(settings) as p:
         await p.publish(build_task(TaskType.SUMMARIZE_LLM, "logged",
                                    {"content": {"text": "Some text that is long enough."}},
                                    correlation_id="corr-logged", traceparent=TRACE))
     await wait_for(lambda: log.exists() and "done logged" in log.read_text(), timeout=30)
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: any(b'"task.done"' in line and b'"logged"' in line for line in err),
+                   timeout=30, message="task.done logged")
     proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    await asyncio.wait_for(asyncio.gather(reader, proc.wait()), timeout=30)
     assert proc.returncode == 0
-    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in err if line.strip()]
     task_lines = [e for e in lines if e.get("share_id") == "logged"]
     assert {e["event"] for e in task_lines} >= {"task.done"}
     for e in task_lines:
