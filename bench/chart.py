@@ -60,12 +60,14 @@ def write_chart(doc: Mapping[str, Any], path: Path) -> Path:
         ax.barh(y, value, color=colour, alpha=0.85 if c.measured is not None else 0.25,
                 height=0.6, left=0)
         spread = _spread(c, index)
+        right = max(value, c.target.threshold)
         if spread is not None:
-            ax.plot(spread, (y, y), color="black", linewidth=1)
-        ax.plot((c.target.threshold,) * 2, (y - 0.38, y + 0.38), color="black", linewidth=2)
+            ax.plot(spread, (y, y), color="#424242", linewidth=1, marker="|", markersize=6)
+            right = max(right, spread[1])
+        ax.plot((c.target.threshold,) * 2, (y - 0.38, y + 0.38), color="black", linewidth=2.5)
         text = f"{c.measured:.2f}x, {c.verdict}" if c.measured is not None else c.verdict
-        ax.annotate(f"{text} (needs {_needed(c)})", (max(value, c.target.threshold), y),
-                    xytext=(6, -3), textcoords="offset points", fontsize=8)
+        ax.annotate(f"{text} (needs {_needed(c)})", (right, y), xytext=(6, -3),
+                    textcoords="offset points", fontsize=8)
     ax.set_yticks(range(len(checks)),
                   [c.target.name + (" [lower is better]" if c.target.kind == "ratio_max"
                                     else "") for c in checks], fontsize=8)
