@@ -6,6 +6,7 @@ confirms (as ``apply_async`` would, only faster: pre-filling is not measured). T
 ``celery -A bench.celery_app worker`` runs as a subprocess (prefork, concurrency 2, as the
 original system) and the drain is timed from the first task's start to the n-th task's end,
 read from the pool processes' shared-memory records (see ``bench.celery_app``).
+``run_worker`` is shared with the full-path Celery contender (``bench.celery_full``).
 """
 
 from __future__ import annotations
