@@ -41,33 +41,43 @@ WORK_QUEUES = ("transcribe", "summarize", "embed")
 
 
 class Pacer:
-    """Releases a phase's tasks to the producers chunk by chunk: two chunks at the start, one
-    more as each fault begins, and when the service is back at least enough for its recovery
-    to be timed (``2 * RECOVERY_RESULTS`` beyond what is done). Every fault then strikes with
-    work in flight, and a fast pipeline cannot finish all of it before the last fault."""
+    """Releases a phase's tasks to the producers: two chunks at the start, one more as each
+    fault begins, and when its service is back enough for its recovery to be timed
+    (``2 * RECOVERY_RESULTS`` beyond what is done). That many tasks stay in reserve for every
+    fault still to come, so however fast the pipeline drains what is released while a fault
+    is being injected (a cluster fault first asks which node leads), each recovery still has
+    work to be timed on; and a fast pipeline cannot finish everything before the last fault."""
 
     def __init__(self, tasks: int, faults: int) -> None:
-        # the last ``2 * RECOVERY_RESULTS`` tasks are only ever released by ``service_back``:
-        # however fast the pipeline drains what a fault's start released, the recovery of
-        # the last fault still has work to be timed on
-        self.step = max(1, (tasks - 2 * RECOVERY_RESULTS) // (faults + 2))
-        self.released = 2 * self.step if faults else tasks
+        self.tasks = tasks
+        self.faults_left = faults
+        self.step = max(1, (tasks - 2 * RECOVERY_RESULTS * faults) // (faults + 2))
+        self.released = min(2 * self.step, self._limit()) if faults else tasks
         self._changed = asyncio.Condition()
+
+    def _limit(self) -> int:
+        return self.tasks - 2 * RECOVERY_RESULTS * self.faults_left
 
     async def wait(self, index: int) -> None:
         """Until task number ``index`` may be published."""
         async with self._changed:
             await self._changed.wait_for(lambda: index < self.released)
 
-    async def release(self, *, everything: bool = False, at_least: int = 0) -> None:
-        """One more chunk; or all; or (``at_least``) up to that many tasks in all."""
+    async def fault_began(self) -> None:
+        await self._set(self.released + self.step)
+
+    async def service_back(self, done: int) -> None:
+        """The current fault's service is back with ``done`` results so far: its reserve."""
+        self.faults_left = max(0, self.faults_left - 1)
+        await self._set(done + 2 * RECOVERY_RESULTS)
+
+    async def release_all(self) -> None:
+        self.faults_left = 0
+        await self._set(self.tasks)
+
+    async def _set(self, wanted: int) -> None:
         async with self._changed:
-            if everything:
-                self.released = 1 << 62
-            elif at_least:
-                self.released = max(self.released, at_least)
-            else:
-                self.released += self.step
+            self.released = max(self.released, min(wanted, self._limit()))
             self._changed.notify_all()
 
 
@@ -99,7 +109,7 @@ class Rig:
             return
         self.back = (time.time(), self.tap.count)
         if self.pacer is not None:
-            await self.pacer.release(at_least=self.tap.count + 2 * RECOVERY_RESULTS)
+            await self.pacer.service_back(self.tap.count)
 
 
 FaultFn = Callable[[Rig], Awaitable[str]]
@@ -229,10 +239,10 @@ async def run_schedule(schedule: list[str], rig: Rig) -> list[Fault]:
     try:
         for n, name in enumerate(schedule, start=1):
             await rig.tap.wait_for(rig.pacer.step * n, STEP_TIMEOUT_S)
-            await rig.pacer.release()
+            await rig.pacer.fault_began()
             out.append(await _inject(name, rig))
     finally:
-        await rig.pacer.release(everything=True)
+        await rig.pacer.release_all()
     return out
 
 

@@ -201,3 +201,23 @@ def test_a_planned_fault_that_did_not_run_or_recover_fails() -> None:
     ev = clean("a")
     ev.faults = [Fault("sigkill", T0, T0, None)]
     assert "sigkill never recovered" in judge(ev).failures
+
+
+async def test_the_pacer_keeps_work_for_every_recovery_however_fast_the_pipeline() -> None:
+    """A recovery is timed on ``RECOVERY_RESULTS`` results after the service is back: even a
+    pipeline that finishes everything released before each fault's service returns must find
+    that much work left, for the last fault too."""
+    from tests.chaos.faults import Pacer
+    from tests.chaos.verdict import RECOVERY_RESULTS
+
+    for tasks, faults in ((400, 1), (2000, 2), (1000, 8), (10_000, 13)):
+        pacer = Pacer(tasks, faults)
+        assert pacer.released < tasks
+        for left in range(faults, 0, -1):
+            await pacer.fault_began()
+            assert pacer.released <= tasks - 2 * RECOVERY_RESULTS * left
+            drained = pacer.released  # everything released was done meanwhile
+            await pacer.service_back(drained)
+            assert pacer.released >= drained + RECOVERY_RESULTS
+        await pacer.release_all()
+        assert pacer.released == tasks
