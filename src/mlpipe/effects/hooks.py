@@ -76,7 +76,9 @@ class WorkflowEnv:
     async def schedule(self, conn: DB, cause: Task, kind: str, body: dict[str, Any],
                        delay_s: float, message_id: str) -> None:
         """A control message ``{"kind": kind, **body}`` back on the control queue after
-        ``delay_s`` (a delay queue, not a poll), handled by the workflow's ``control[kind]``."""
+        ``delay_s`` (a delay queue, not a poll), handled by the workflow's ``control[kind]``.
+        The delay rounds up to a delay tier: the retry backoff's steps and
+        ``workflow_timeout_s``."""
         tier = self.topology.tier_for(round(delay_s * 1000))
         await outbox.add(conn, share_id=cause.share_id, task_type=cause.task_type.value,
                          kind="task", exchange=self.delay_exchange,
