@@ -20,6 +20,7 @@ from structlog.testing import LogCapture
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects
+from mlpipe.effects.events import add_completed
 from mlpipe.handlers import Cost, HandlerResult, Registry, TaskContext
 from mlpipe.producer import Producer
 from mlpipe.settings import Settings
@@ -175,6 +176,43 @@ async def test_lost_lock_cancels_an_awaiting_handler_and_the_delivery_waits(
     failed = [e for e in logged if e["event"] == "task.failed"]
     assert [(e["outcome"], e["error_class"]) for e in failed] == [("Retry", "LockLost")]
     assert await list_dead(settings) == []
+
+
+async def test_refusal_by_its_own_earlier_attempt_is_a_success(
+        settings: Settings, listener: list[dict[str, Any]], logged: list[dict[str, Any]]) -> None:
+    """The persist attempt committed but its reply was lost, so the retry meets a row with its
+    own fence: not fenced, but done; the event that attempt queued goes out, once."""
+    registry = Registry()
+
+    @registry.handler(TaskType.SUMMARIZE_LLM)
+    async def handle(task: Task, ctx: TaskContext) -> HandlerResult:
+        result = HandlerResult({"run": "committed"})
+        if task.share_id != SHARE:
+            return result
+        # the lease just taken is the prefix's latest token: commit as its first attempt would
+        assert effects.redis is not None
+        assert effects.pool is not None
+        fence = int(await effects.redis.get(f"{settings.lock_prefix}fence"))
+        async with effects.pool.acquire() as conn, conn.transaction():
+            await results.save(conn, task, result, input_hash=results.input_hash(task),
+                               processing_ms=1, correlation_id=None, reservation_id=None,
+                               fence=fence)
+            await add_completed(conn, task, result, topology.events_exchange, ctx.message_id)
+        return HandlerResult({"run": "retried"})
+
+    async with Effects(settings) as effects, \
+            running_daemon(settings, registry, "summarize",
+                           executor=effects.executor) as daemon, Producer(settings) as p:
+        topology = p.topology
+        await p.publish(task())
+        await wait_for(lambda: daemon.status().tasks_done == 1, message="settled")
+        await all_announced(p, listener)
+        assert (await stored_row(effects))["result_data"] == {"run": "committed"}
+        unpublished = await effects.pool.fetchval(  # type: ignore[union-attr]
+            "SELECT count(*) FROM ml_outbox WHERE published_at IS NULL")
+        assert unpublished == 0
+    assert len(completed(listener)) == 1
+    assert not [e for e in logged if e["event"] == "result.fenced"]
 
 
 # --- the fenced upsert itself -------------------------------------------------------------------
