@@ -46,12 +46,16 @@ def test_openapi_is_valid_3_1() -> None:
     assert operations == {("GET", p) for p in (
         "/v1/search", "/v1/shares/{shareId}/similar", "/v1/shares/{shareId}/results",
         "/v1/shares/{shareId}/workflow", "/v1/costs/summary", "/v1/costs", "/v1/tasks/summary",
-        "/v1/budgets", "/healthz")}
+        "/v1/budgets", "/healthz", "/v1/events")}
     admin = {p for p, ops in doc["paths"].items() if ops["get"]["x-mlpipe-access"] == "admin"}
     assert admin == ADMIN_PATHS
     for path in ADMIN_PATHS:
         assert "403" in doc["paths"][path]["get"]["responses"]
     assert doc["paths"]["/healthz"]["get"]["security"] == []
+    events = doc["paths"]["/v1/events"]["get"]
+    assert list(events["responses"]["200"]["content"]) == ["text/event-stream"]
+    assert events["responses"]["401"]["content"] == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     search = {p["name"]: p for p in doc["paths"]["/v1/search"]["get"]["parameters"]}
     assert search["q"]["required"] is True
     assert search["q"]["schema"]["maxLength"] == 1000

@@ -13,10 +13,13 @@ endpoint                                 token   what
 ``GET /v1/tasks/summary``                admin   results by outcome, reservations, workflows
 ``GET /v1/budgets``                      admin   rolling spend against the ceilings
 ``GET /healthz``, ``GET /openapi.json``  none    liveness; the OpenAPI 3.1 document
+``GET /v1/events``                       read    result events, live (Server-Sent Events)
 ``GET /docs``                            none    Swagger UI, its files served locally
+``/ui``                                  cookie  the ops console (``mlpipe.api.ui``)
 =======================================  ======  ==============================================
 
-Read-only by construction: no endpoint writes, and the handlers only run SELECTs. Without
+The JSON endpoints are read-only by construction: their handlers only run SELECTs. The one
+write is the console's dead-letter replay (admin, CSRF-checked). Without
 configured tokens (loopback only) the read endpoints are open and the admin ones answer 403.
 FastAPI routes, validates and documents (``mlpipe.api.v1``); uvicorn serves
 (``mlpipe.api.server``).

@@ -32,9 +32,11 @@ from .context import ApiError
 #: Shorter tokens are guessable; refusing them at start-up beats finding out later.
 MIN_TOKEN_LENGTH = 16
 
-__all__ = ["MIN_TOKEN_LENGTH", "Access", "ApiConfigError", "Role", "TokenSet", "authorize",
-           "ensure_safe_bind", "is_loopback"]
+__all__ = ["MIN_TOKEN_LENGTH", "SESSION_COOKIE", "Access", "ApiConfigError", "Role",
+           "TokenSet", "authorize", "ensure_safe_bind", "is_loopback"]
 
+#: The console's login cookie: the token itself, HttpOnly, SameSite=Strict.
+SESSION_COOKIE = "mlpipe_token"
 _CHALLENGE = 'Bearer realm="mlpipe"'
 
 

@@ -2,8 +2,9 @@
 
 FastAPI generates the document; three house rules are applied on top, because the wire
 behaves that way: invalid parameters are 400 problems (FastAPI would document a 422 that is
-never sent), an optional query parameter is omitted rather than null (a query string cannot
-say null), and the API's own description and version. ``contracts/openapi.json`` is checked in
+never sent; a problem is JSON even where the success is an event stream), an optional query
+parameter is omitted rather than null (a query string cannot say null), and the API's own
+description and version. ``contracts/openapi.json`` is checked in
 for teams that generate clients; a test fails when it differs from ``render(document())``.
 
 Swagger UI's files come from the ``fastapi-offline`` wheel (it carries Swagger UI 5, which
@@ -48,6 +49,9 @@ def document(app: FastAPI) -> dict[str, Any]:
     for path in doc["paths"].values():
         for operation in path.values():
             operation["responses"].pop("422", None)
+            for status, response in operation["responses"].items():
+                if status != "200" and "content" in response:  # problems are JSON always
+                    response["content"] = {JSON: next(iter(response["content"].values()))}
             for parameter in operation.get("parameters", []):
                 parameter["schema"] = _not_null(parameter["schema"])
     schemas = doc.get("components", {}).get("schemas", {})

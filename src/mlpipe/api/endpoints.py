@@ -112,6 +112,11 @@ def _hit(hit: Hit) -> SearchHit:
         url=_text(meta, "url"), indexed_at=hit.indexed_at, metadata=meta)
 
 
+def share_path(share_id: str) -> SharePath:
+    """A share id from a URL, validated as the path parameter is (``ValidationError``)."""
+    return SharePath.model_validate({"shareId": share_id})
+
+
 # --- a share's results and workflow ---------------------------------------------------------------
 
 

@@ -155,6 +155,11 @@ class CostsQuery(_In):
     cursor: Cursor | None = None
 
 
+class EventsQuery(_In):
+    share_id: ShareId | None = Field(None, description="only events of this share")
+    task_type: TaskType | None = Field(None, description="only events of this task type")
+
+
 # --- responses ------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from mlpipe.settings import Budget, Settings
 from .app import build_app
 from .auth import ApiConfigError, TokenSet, ensure_safe_bind
 from .context import ApiContext
+from .events import DEFAULT_BUFFER, EventHub
 
 log = structlog.get_logger("mlpipe.api")
 
@@ -54,6 +55,11 @@ class ApiConfig:
     #: ``ml_embeddings.model`` of the vectors searched; must match the query embedder.
     search_model: str = DEFAULT_MODEL
     pool_size: int = 4
+    #: The daemon's settings, for what lives on the broker (``/v1/events``, queue depths,
+    #: dead letters). None: those parts answer 503.
+    settings: Settings | None = field(default=None, repr=False)
+    #: Events buffered per ``/v1/events`` client before it counts as too slow.
+    events_buffer: int = DEFAULT_BUFFER
 
     @classmethod
     def from_settings(cls, settings: Settings, *, host: str | None = None,
@@ -66,7 +72,7 @@ class ApiConfig:
             port=port if port is not None else settings.api_port,
             tokens=_plain(settings.api_tokens), admin_tokens=_plain(settings.api_admin_tokens),
             budgets=settings.budgets, budget_action=settings.budget_action,
-            search_model=search_model, pool_size=settings.api_pool_size)
+            search_model=search_model, pool_size=settings.api_pool_size, settings=settings)
 
 
 def _plain(tokens: Sequence[SecretStr]) -> tuple[str, ...]:
@@ -108,6 +114,7 @@ class ApiServer:
         self.pool: asyncpg.Pool | None = None
         self._server: _EmbeddedServer | None = None
         self._serving: asyncio.Task[None] | None = None
+        self.events: EventHub | None = None
         self.port: int | None = None
 
     @property
@@ -129,7 +136,13 @@ class ApiServer:
                              search_model=self.config.search_model,
                              budgets=self.config.budgets,
                              budget_action=self.config.budget_action)
-            app = build_app(ctx, self._tokens)
+            if self.config.settings is not None:
+                from mlpipe.producer import topology_from
+
+                self.events = EventHub(self.config.settings.broker_url,
+                                       topology_from(self.config.settings).events_exchange,
+                                       buffer=self.config.events_buffer)
+            app = build_app(ctx, self._tokens, self.events, self.config.settings)
             sock = await _bind(self.config.host, self.config.port)
             self.port = int(sock.getsockname()[1])
             self._server = _EmbeddedServer(uvicorn.Config(
@@ -159,7 +172,11 @@ class ApiServer:
                 "run `mlpipe migrate` first")
 
     async def close(self) -> None:
-        """Stop listening, let requests in flight finish, then close the pool."""
+        """End the event streams, stop listening, let requests in flight finish, then close
+        the pool."""
+        if self.events is not None:
+            events, self.events = self.events, None
+            await events.close()
         if self._server is not None and self._serving is not None:
             server, serving, self._server, self._serving = (self._server, self._serving,
                                                             None, None)

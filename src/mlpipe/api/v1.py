@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from mlpipe.contract.models import _ID as SHARE_ID_PATTERN
 
 from . import endpoints
-from .auth import Access, Role, TokenSet, authorize
+from .auth import SESSION_COOKIE, Access, Role, TokenSet, authorize
 from .context import ApiContext, ApiError
 from .models import (
     Budgets,
@@ -33,7 +33,6 @@ from .models import (
     RangeQuery,
     ResultsQuery,
     SearchQuery,
-    SharePath,
     ShareResults,
     SimilarQuery,
     TaskSummary,
@@ -61,14 +60,20 @@ def tokens_of(request: Request) -> TokenSet:
     return tokens
 
 
-def require(access: Access) -> Callable[..., Awaitable[Role | None]]:
+def require(access: Access, *, cookie: bool = False) -> Callable[..., Awaitable[Role | None]]:
     """A dependency that checks the caller's token before anything else about the request
     (an unauthenticated caller learns nothing, not even which parameters are wrong), then
-    refuses a query parameter given twice (ambiguous: refused rather than one picked)."""
+    refuses a query parameter given twice (ambiguous: refused rather than one picked).
+
+    ``cookie``: the console's login cookie may stand in for the header (a browser's
+    ``EventSource`` cannot set headers); it holds the same token."""
 
     async def check(request: Request, _credentials: Annotated[
             HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Role | None:
-        role = authorize(request.headers.get("Authorization"), access, tokens_of(request))
+        header = request.headers.get("Authorization")
+        if header is None and cookie and request.cookies.get(SESSION_COOKIE):
+            header = f"Bearer {request.cookies[SESSION_COOKIE]}"
+        role = authorize(header, access, tokens_of(request))
         single_values(request)
         return role
 
@@ -89,7 +94,8 @@ def single_values(request: Request) -> None:
         seen.add(name)
 
 
-def _route(access: Access, *, not_found: bool = False) -> dict[str, Any]:
+def route_options(access: Access, *, not_found: bool = False,
+                  cookie: bool = False) -> dict[str, Any]:
     """What every route declares about its token, its errors and the document."""
     statuses = [400, *((401,) if access is not Access.PUBLIC else ()),
                 *((403,) if access is Access.ADMIN else ()), *((404,) if not_found else ()),
@@ -103,7 +109,7 @@ def _route(access: Access, *, not_found: bool = False) -> dict[str, Any]:
     extra: dict[str, Any] = {"x-mlpipe-access": access.value}
     if access is Access.PUBLIC:
         extra["security"] = []
-    dependency = require_public if access is Access.PUBLIC else require(access)
+    dependency = require_public if access is Access.PUBLIC else require(access, cookie=cookie)
     return {"responses": responses, "openapi_extra": extra,
             "dependencies": [Depends(dependency)]}
 
@@ -113,8 +119,7 @@ ShareIdParam = Annotated[str, Path(alias="shareId", pattern=SHARE_ID_PATTERN,
 Ctx = Annotated[ApiContext, Depends(context)]
 
 
-def _share(share_id: str) -> SharePath:
-    return SharePath.model_validate({"shareId": share_id})
+_share = endpoints.share_path
 
 
 router = APIRouter()
@@ -125,7 +130,7 @@ router = APIRouter()
     description="Embeds `q` with the server's model and returns the nearest stored chunks, "
     "best first. `from`/`to` bound when a chunk was embedded (contract v1 carries no "
     "publication date). Pages are cut from one ranking at most 1000 hits deep.",
-    response_model=HitPage, **_route(Access.READ))
+    response_model=HitPage, **route_options(Access.READ))
 async def search_text(ctx: Ctx, query: Annotated[SearchQuery, Query()]) -> Response:
     return json_response(await endpoints.search_text(ctx, _NO_PARAMS, query))
 
@@ -136,7 +141,7 @@ async def search_text(ctx: Ctx, query: Annotated[SearchQuery, Query()]) -> Respo
     description="Other shares nearest to this share's average chunk vector, each with its "
     "best chunk, best first; the share itself is excluded. 404 when the share has no vectors "
     "of this embedding type.",
-    response_model=HitPage, **_route(Access.READ, not_found=True))
+    response_model=HitPage, **route_options(Access.READ, not_found=True))
 async def similar_shares(ctx: Ctx, share_id: ShareIdParam,
                          query: Annotated[SimilarQuery, Query()]) -> Response:
     return json_response(await endpoints.similar_shares(ctx, _share(share_id), query))
@@ -147,7 +152,7 @@ async def similar_shares(ctx: Ctx, share_id: ShareIdParam,
     summary="A share's results",
     description="The stored result of each task type that ran for this share (`ml_results`). "
     "An unknown share and a share still in progress both give an empty list.",
-    response_model=ShareResults, **_route(Access.READ))
+    response_model=ShareResults, **route_options(Access.READ))
 async def share_results(ctx: Ctx, share_id: ShareIdParam,
                         query: Annotated[ResultsQuery, Query()]) -> Response:
     return json_response(await endpoints.share_results(ctx, _share(share_id), query))
@@ -158,7 +163,7 @@ async def share_results(ctx: Ctx, share_id: ShareIdParam,
     summary="A share's video workflow state",
     description="Current state and history of the video workflow (transcribe, combined "
     "summary, rich embedding). 404 when the share never entered one.",
-    response_model=WorkflowState, **_route(Access.READ, not_found=True))
+    response_model=WorkflowState, **route_options(Access.READ, not_found=True))
 async def share_workflow(ctx: Ctx, share_id: ShareIdParam,
                          query: Annotated[NoParams, Query()]) -> Response:
     return json_response(await endpoints.share_workflow(ctx, _share(share_id), query))
@@ -169,7 +174,7 @@ async def share_workflow(ctx: Ctx, share_id: ShareIdParam,
     summary="Spend summary",
     description="Spend in `[from, to)` by task type, model and unit kind (`ml_costs`). Admin "
     "token.",
-    response_model=CostSummary, **_route(Access.ADMIN))
+    response_model=CostSummary, **route_options(Access.ADMIN))
 async def cost_summary(ctx: Ctx, query: Annotated[RangeQuery, Query()]) -> Response:
     return json_response(await endpoints.cost_summary(ctx, _NO_PARAMS, query))
 
@@ -178,7 +183,7 @@ async def cost_summary(ctx: Ctx, query: Annotated[RangeQuery, Query()]) -> Respo
     "/v1/costs", operation_id="listCosts", tags=["analytics"], summary="Cost ledger entries",
     description="One entry per paid call, newest first, filtered and paged with a cursor. "
     "Admin token.",
-    response_model=CostPage, **_route(Access.ADMIN))
+    response_model=CostPage, **route_options(Access.ADMIN))
 async def list_costs(ctx: Ctx, query: Annotated[CostsQuery, Query()]) -> Response:
     return json_response(await endpoints.list_costs(ctx, _NO_PARAMS, query))
 
@@ -189,7 +194,7 @@ async def list_costs(ctx: Ctx, query: Annotated[CostsQuery, Query()]) -> Respons
     "workflows by state, over `[from, to)`. Only what Postgres holds: dead-lettered tasks are "
     "in the dead-letter queue (`mlpipe dlq list`) and retries in the daemon's metrics, not "
     "here. Admin token.",
-    response_model=TaskSummary, **_route(Access.ADMIN))
+    response_model=TaskSummary, **route_options(Access.ADMIN))
 async def task_summary(ctx: Ctx, query: Annotated[RangeQuery, Query()]) -> Response:
     return json_response(await endpoints.task_summary(ctx, _NO_PARAMS, query))
 
@@ -198,7 +203,7 @@ async def task_summary(ctx: Ctx, query: Annotated[RangeQuery, Query()]) -> Respo
     "/v1/budgets", operation_id="budgetStatus", tags=["analytics"], summary="Budget status",
     description="Rolling last-hour and last-day spend (charges plus open reservations) of "
     "each task type against its ceilings, as the budget pre-flight sees it. Admin token.",
-    response_model=Budgets, **_route(Access.ADMIN))
+    response_model=Budgets, **route_options(Access.ADMIN))
 async def budget_status(ctx: Ctx, query: Annotated[NoParams, Query()]) -> Response:
     return json_response(await endpoints.budget_status(ctx, _NO_PARAMS, query))
 
@@ -207,6 +212,6 @@ async def budget_status(ctx: Ctx, query: Annotated[NoParams, Query()]) -> Respon
     "/healthz", operation_id="health", tags=["ops"],
     summary="Liveness and database reachability",
     description="200 when Postgres answers, 503 otherwise. No token needed.",
-    response_model=Health, **_route(Access.PUBLIC))
+    response_model=Health, **route_options(Access.PUBLIC))
 async def health(ctx: Ctx, query: Annotated[NoParams, Query()]) -> Response:
     return json_response(await endpoints.health(ctx, _NO_PARAMS, query))
