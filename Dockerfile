@@ -36,8 +36,8 @@ RUN python -m pip install "hatchling>=1.25"
 # hadolint ignore=DL3059
 RUN python -m pip wheel --no-deps --no-build-isolation --wheel-dir /dist .
 RUN python -m venv /opt/mlpipe/venv \
- && extras="api" \
- && if [ "$WITH_MODELS" = "true" ]; then extras="api,local"; fi \
+ && extras="handlers,api" \
+ && if [ "$WITH_MODELS" = "true" ]; then extras="handlers,api,local"; fi \
  && /opt/mlpipe/venv/bin/pip install "$(ls /dist/mlpipe-*.whl)[${extras}]" \
  && /opt/mlpipe/venv/bin/pip uninstall -y pip \
  && mkdir -p /opt/mlpipe/models

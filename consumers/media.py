@@ -20,17 +20,11 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import aiohttp
-from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
-from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from aiohttp.abc import AbstractResolver
-from botocore.exceptions import (  # type: ignore[import-untyped]
-    BotoCoreError,
-    ClientError,
-    NoCredentialsError,
-)
 
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.settings import Settings
@@ -260,6 +254,15 @@ async def _fetch_s3(url: str, settings: Settings, dest_dir: Path) -> Path:
                       hint="list the bucket in MLPIPE_MEDIA_S3_BUCKETS if it is yours")
     target = _target(dest_dir, key)
     t = settings.media_timeout_s
+    # the AWS SDK only for s3:// media (its import alone is tens of megabytes)
+    from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+    from aiobotocore.session import get_session  # type: ignore[import-untyped]
+    from botocore.exceptions import (  # type: ignore[import-untyped]
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+    )
+
     config = AioConfig(connect_timeout=t, read_timeout=t,
                        retries={"max_attempts": 2, "mode": "standard"})
     try:
@@ -285,7 +288,8 @@ async def _fetch_s3(url: str, settings: Settings, dest_dir: Path) -> Path:
     return target
 
 
-def _s3_error(url: str, exc: ClientError) -> PermanentError | TransientError:
+def _s3_error(url: str, exc: Any) -> PermanentError | TransientError:
+    """``exc``: a botocore ``ClientError``."""
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     message = f"fetching {url!r}: S3 {code or status}: {exc}"

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
-from pgvector import Vector as PgVector
 
 from mlpipe.embedding.backend import Vector
 from mlpipe.settings import Settings
@@ -77,6 +76,8 @@ class ChunkStore:
                              metadata: Mapping[str, Any]) -> None:
         if not (len(chunks) == len(vectors) == len(content_hashes)) or not chunks:
             raise ValueError("need one vector and one hash per chunk, and at least one chunk")
+        from pgvector import Vector as PgVector  # with numpy: only once something is embedded
+
         pool = await self.pool()
         async with unavailable_is_transient("storing embeddings"), pool.acquire() as conn:
             await conn.execute(

@@ -12,9 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from mlpipe.backends import api_available, backend_for, make_client, prices
 from mlpipe.contract.models import (
@@ -29,7 +27,7 @@ from mlpipe.errors import PermanentError
 from mlpipe.handlers import Handler, HandlerResult, Registry, TaskContext
 from mlpipe.settings import Settings
 
-from . import local, remote
+from . import local
 from .source import Source, article_source, video_source
 from .tokens import Tokenizers
 
@@ -38,6 +36,9 @@ from .tokens import Tokenizers
 #: tokens are what is billed and what the context window is measured in.
 DEFAULT_MAX_LENGTH = 256
 #: Resource names, as handlers find them in ``ctx.resources``.
+if TYPE_CHECKING:
+    import openai
+
 CLIENT = "summarize.openai"
 TOKENIZERS = "summarize.tokenizers"
 #: Typical run (the lock lives 1.5x this, renewed while running).
@@ -84,6 +85,8 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
         else:
             model = api_model(settings, options)
             tokenizer = await tokenizers.for_model_async(model)
+            from . import remote  # the API path only: openai's SDK loads when first needed
+
             request = await asyncio.to_thread(remote.plan, source, model, max_tokens, tokenizer,
                                               price_list)
             summary = await remote.summarize(ctx.resources[CLIENT], request, tokenizer, ctx.log)
@@ -109,8 +112,10 @@ def _estimator(settings: Settings, tokenizers: Tokenizers,
         source = to_source(task.payload)
         options = task.payload.options
         model = api_model(settings, options)
+        from . import remote
+
         return remote.estimate(source, model, options.max_length or DEFAULT_MAX_LENGTH,
-                            tokenizers.for_model(model), price_list)
+                               tokenizers.for_model(model), price_list)
 
     return estimate
 

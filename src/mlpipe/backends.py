@@ -7,13 +7,16 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
-import openai
 import structlog
 
 from mlpipe.contract.models import Backend, Task, TaskType
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.settings import Settings
+
+if TYPE_CHECKING:  # the SDK is imported when a client is made: a worker without one never
+    import openai  # pays for it
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +109,8 @@ def backend_for(task: Task, settings: Settings) -> Backend:
 
 def make_client(settings: Settings) -> openai.AsyncOpenAI:
     """The SDK insists on a key; a self-hosted server ignores the placeholder it is sent."""
+    import openai
+
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "unset"
     return openai.AsyncOpenAI(api_key=key, base_url=settings.openai_base_url,
                               timeout=settings.api_timeout_s, max_retries=0)
@@ -116,6 +121,8 @@ async def api_errors(what: str) -> AsyncIterator[None]:
     """OpenAI SDK errors -> outcome types. Rate limits, timeouts, connection trouble and 5xx
     are transient (retried with backoff by the daemon, not by the SDK); other 4xx mean the
     request itself is wrong and will not get better."""
+    import openai
+
     try:
         yield
     except openai.RateLimitError as exc:

@@ -944,16 +944,25 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     assert not ignored & set(build_stage_sources())
 
 
-def test_wheel_from_the_dockerfile_command_runs_mlpipe(tmp_path: Path) -> None:
-    """The Dockerfile's wheel-build command, run on exactly the files its build stage copies,
-    gives a wheel whose ``mlpipe`` entry point works from a fresh virtual environment.
+@dataclass(frozen=True)
+class WheelEnv:
+    """A fresh virtual environment holding the Dockerfile's wheel and, lent from the test
+    environment, exactly the distributions the wheel requires without extras."""
+
+    venv: Path
+    python: Path
+    lent: set[str]
+
+
+def wheel_env(tmp_path: Path) -> WheelEnv:
+    """The Dockerfile's wheel-build command, run on exactly the files its build stage copies;
+    the wheel goes into a fresh virtual environment with ``--no-deps``.
 
     No registry is reached: the build uses the installed hatchling (no isolation, as in the
-    Dockerfile), the wheel goes into the fresh environment with ``--no-deps``, and its
-    dependencies are lent from the test environment, but only the distributions the wheel's
-    own metadata requires (transitively, versions checked): a directory holding just those
-    is the environment's one extra path entry. An import the wheel does not declare fails
-    here, and mlpipe and consumers can only come from the wheel."""
+    Dockerfile), and the wheel's dependencies are lent from the test environment, but only the
+    distributions its own metadata requires (transitively, versions checked): a directory
+    holding just those is the environment's one extra path entry. An import the wheel does not
+    declare fails there, and mlpipe and consumers can only come from the wheel."""
     if importlib.util.find_spec("hatchling") is None:
         pytest.fail(f"hatchling (the build backend) is missing; {SETUP}")
     _, stages = dockerfile()
@@ -984,25 +993,42 @@ def test_wheel_from_the_dockerfile_command_runs_mlpipe(tmp_path: Path) -> None:
         (meta,) = [n for n in whl.namelist() if n.endswith(".dist-info/METADATA")]
         requires = email.message_from_bytes(whl.read(meta)).get_all("Requires-Dist") or []
     lent = lend_distributions(requires, tmp_path / "deps")
-    assert {"aio-pika", "asyncpg", "pydantic-settings", "aiohttp"} <= lent, "closure too small"
-    assert not {"pytest", "faster-whisper", "mlpipe"} & lent, "test-only or extra packages lent"
     (Path(site) / "_lent_deps.pth").write_text(f"{tmp_path / 'deps'}\n")
+    return WheelEnv(venv, python, lent)
 
-    help_text = run([str(venv / "bin" / "mlpipe"), "--help"], cwd=tmp_path)
+
+#: What a producer-only install must not bring: model runtimes, numerics, provider SDKs.
+HANDLER_ONLY = {"numpy", "onnxruntime", "faster-whisper", "ctranslate2", "openai",
+                "aiobotocore", "botocore", "pgvector", "tiktoken", "tokenizers"}
+
+
+def test_wheel_from_the_dockerfile_command_runs_mlpipe(tmp_path: Path) -> None:
+    """The wheel's ``mlpipe`` entry point works from a fresh virtual environment with only
+    its declared (no-extra) dependencies, and the shipped handlers register there: their
+    heavy dependencies are imported when a task needs them, not when they are registered."""
+    env = wheel_env(tmp_path)
+    assert {"aio-pika", "asyncpg", "pydantic-settings", "aiohttp"} <= env.lent, "closure too small"
+    assert not {"pytest", "faster-whisper", "mlpipe"} & env.lent, "test-only or extra packages lent"
+    assert not HANDLER_ONLY & env.lent, "a producer-only install would bring handler packages"
+
+    help_text = run([str(env.venv / "bin" / "mlpipe"), "--help"], cwd=tmp_path)
     assert "consume" in help_text
     assert "migrate" in help_text
-    probe = ("import mlpipe, consumers, json; from mlpipe.settings import Settings; "
+    probe = ("import mlpipe, consumers, json, sys; from mlpipe.settings import Settings; "
              "from mlpipe.store.migrate import default_sql_dir; "
              "registry = consumers.build_registry(Settings()); "
              "print(json.dumps([mlpipe.__file__, consumers.__file__, str(default_sql_dir()), "
-             "sorted(s.task_type.value for s in registry)]))")
-    mlpipe_file, consumers_file, sql_dir, handled = json.loads(
-        run([str(python), "-c", probe], cwd=tmp_path))
+             "sorted(s.task_type.value for s in registry), "
+             "sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('numpy', 'openai', 'onnxruntime', 'faster_whisper', 'aiobotocore'))]))")
+    mlpipe_file, consumers_file, sql_dir, handled, heavy = json.loads(
+        run([str(env.python), "-c", probe], cwd=tmp_path))
     for path in (mlpipe_file, consumers_file, sql_dir):
-        assert Path(path).is_relative_to(venv), f"{path} does not come from the wheel"
+        assert Path(path).is_relative_to(env.venv), f"{path} does not come from the wheel"
     assert sorted(p.name for p in Path(sql_dir).glob("*.sql")) == sorted(
         p.name for p in (ROOT / "sql").glob("*.sql")), "migrations missing from the wheel"
     assert handled, "no handler registered from the wheel's consumers package"
+    assert heavy == [], f"registering the handlers imported {heavy}"
 
 
 def lend_distributions(requires: list[str], into: Path) -> set[str]:

@@ -16,14 +16,15 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from mlpipe.errors import PermanentError
 
 from .backend import BatchOutput
+
+if TYPE_CHECKING:  # numpy loads with the model, in the first call
+    import numpy as np
+    import numpy.typing as npt
 
 #: Name stored in ``ml_embeddings.model`` and used by searches over these vectors.
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -58,6 +59,8 @@ class LocalEmbedder:
         self._tokenizer = None
 
     def encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        import numpy as np
+
         """Blocking: ``len(texts)`` x 384 unit vectors, in input order."""
         self._load()
         out = np.empty((len(texts), DIMS), dtype=np.float32)
@@ -68,6 +71,8 @@ class LocalEmbedder:
         return out
 
     def _encode_group(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        import numpy as np
+
         encodings = self._tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)

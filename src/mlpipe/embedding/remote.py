@@ -7,15 +7,16 @@ permanent); the SDK's own retries are off, the daemon's backoff does that job.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import numpy as np
-import openai
+from typing import TYPE_CHECKING
 
 from mlpipe.backends import api_errors, make_client
 from mlpipe.errors import TransientError
 from mlpipe.settings import Settings
 
 from .backend import BatchOutput
+
+if TYPE_CHECKING:
+    import openai
 
 
 class ApiEmbedder:
@@ -33,6 +34,8 @@ class ApiEmbedder:
         if len(data) != len(texts):
             raise TransientError(f"embeddings ({model}): {len(data)} vectors for {len(texts)} "
                                  "inputs", reason="api_bad_response")
+        import numpy as np
+
         vectors = [np.asarray(d.embedding, dtype=np.float32) for d in data]
         tokens = response.usage.prompt_tokens if response.usage is not None else None
         return BatchOutput(vectors=vectors, tokens=tokens)
