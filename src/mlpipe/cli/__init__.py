@@ -54,12 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """On uvloop where it is installed. Only its import is guarded: an ImportError raised by
+    the command itself must surface as that error."""
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:
