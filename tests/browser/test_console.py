@@ -20,6 +20,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from mlpipe.api import ApiConfig, ApiServer
 from mlpipe.contract.models import Task, TaskType, build_task
+from mlpipe.dlq import list_dead
 from mlpipe.effects import Effects
 from mlpipe.embedding.local import LocalEmbedder
 from mlpipe.errors import PermanentError
@@ -203,6 +204,25 @@ async def test_every_page_replay_and_live_feed(browser: Browser, stack: Stack) -
     await wait_for(lambda: stack.stored(dead), timeout=15, message="replayed task stored")
     await console.open("/ui/dead-letters")
     assert await page.locator(f"a:has-text('{dead}')").count() == 0
+
+    # all dead letters of a reason at once, again after a dry-run count
+    bulk = [f"bulk-{n}-{uuid.uuid4().hex[:6]}" for n in range(2)]
+    stack.handler.refuse.update(bulk)
+    for share in bulk:
+        await stack.producer.publish(task(share))
+
+    async def both_dead() -> bool:
+        return len(await list_dead(stack.settings)) == 2
+
+    await wait_for(both_dead, timeout=15, message="two dead letters")
+    stack.handler.refuse.clear()
+    await console.open("/ui/dead-letters?reason=content_too_short")
+    await page.click("text=Replay all with reason")
+    assert "Dry run: 2 messages" in await page.inner_text("#dry-run")
+    await page.click("#confirm-replay")
+    await page.wait_for_selector("text=Replayed 2 messages")
+    for share in bulk:
+        await wait_for(lambda s=share: stack.stored(s), timeout=15, message=f"{share} stored")
 
     # Workflows: by state, then one share's timeline (states, results with cost)
     await console.open("/ui/workflows")

@@ -47,7 +47,9 @@ _NO_PARAMS = NoParams()
 
 STATUS_TEXT = {400: "invalid parameters or cursor", 401: "missing or invalid bearer token",
                403: "an admin token is required (a server without tokens has none to accept)",
-               404: "not found", 503: "database or query embedding unavailable; retry later"}
+               404: "not found",
+               503: "a backing service (database, query embedding, broker) is unavailable; "
+                    "retry later"}
 
 
 def context(request: Request) -> ApiContext:
