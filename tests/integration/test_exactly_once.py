@@ -10,8 +10,11 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aio_pika
 import asyncpg
 import pytest
+import structlog
+from structlog.testing import LogCapture
 
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.dlq import list_dead
@@ -21,6 +24,7 @@ from mlpipe.producer import Producer
 from mlpipe.settings import RetryPolicy, Settings
 from mlpipe.store.migrate import migrate
 from mlpipe.testing import running_daemon, wait_for
+from mlpipe.worker.daemon import Daemon
 from tests.integration.test_daemon import queue_depths
 from tests.integration.test_shutdown import lines
 from tests.services import ThrowawayPostgres, ThrowawayRedis
@@ -61,6 +65,17 @@ async def result_rows(dsn: str, schema: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+async def consumer_count(url: str, queue: str) -> int:
+    conn = await aio_pika.connect(url)
+    try:
+        q = await (await conn.channel()).declare_queue(queue, passive=True)
+        return q.declaration_result.consumer_count or 0
+    except aio_pika.exceptions.ChannelClosed:  # not declared yet
+        return 0
+    finally:
+        await conn.close()
+
+
 async def test_200_concurrent_copies_run_the_handler_once(
         effects_env: dict[str, str], pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
     log = tmp_path / "runs.log"
@@ -69,8 +84,15 @@ async def test_200_concurrent_copies_run_the_handler_once(
     settings = Settings(broker_url=effects_env["MLPIPE_BROKER_URL"])
     try:
         async with Producer(settings) as p:
+            topo = p.topology
+
+            async def both_consuming() -> bool:  # or one would drain the queue alone
+                return await consumer_count(settings.broker_url,
+                                            topo.queue_name("summarize")) == 2
+
+            await wait_for(both_consuming, timeout=60, interval=0.2,
+                           message="both daemons consuming")
             await asyncio.gather(*(p.publish(task("hot-share")) for _ in range(200)))
-        topo = p.topology
 
         async def drained() -> bool:
             depths = await queue_depths(settings.broker_url, [topo.queue_name("summarize")])
@@ -180,6 +202,12 @@ async def run_stream_with_outage(settings: Settings, outage_down: object, outage
     return runs, deliveries
 
 
+def retries(daemon: Daemon) -> float:
+    """Retries the daemon scheduled (deferrals included), whatever the reason."""
+    return sum(sample.value for metric in daemon.metrics.retries.collect()
+               for sample in metric.samples if sample.name == "mlpipe_retries_total")
+
+
 def assert_each_ran_once(runs: list[str], total: int) -> None:
     """No paid work done twice: every share's handler ran exactly once."""
     twice = sorted({s for s in runs if runs.count(s) > 1})
@@ -273,11 +301,14 @@ async def test_result_that_cannot_be_stored_is_parked_not_paid_twice(
     settings = outage_settings(broker_url, pg_instance.dsn, "public", REDIS_URL, lock_prefix)
     settings = settings.model_copy(update={"persist_retry_s": 0.5})
     async with Effects(settings) as effects, \
-            running_daemon(settings, registry, "summarize", executor=effects.executor), \
+            running_daemon(settings, registry, "summarize",
+                           executor=effects.executor) as daemon, \
             Producer(settings) as p:
         await p.publish(task("parked-share"))
         await wait_for(lambda: len(runs) == 1, timeout=30, message="handler ran")
-        await asyncio.sleep(3)  # a few retries meet the outage
+        # a few retries meet the outage: the first delivery's, and two redelivered copies'
+        await wait_for(lambda: retries(daemon) >= 3, timeout=30, message="3 retries")
+        assert runs == ["parked-share"]
         await asyncio.to_thread(pg_instance.start)
 
         async def stored() -> bool:
@@ -300,7 +331,8 @@ async def test_result_that_cannot_be_stored_is_parked_not_paid_twice(
 
 
 async def test_start_up_waits_for_postgres_within_startup_wait(
-        broker_url: str, lock_prefix: str, pg_instance: ThrowawayPostgres) -> None:
+        broker_url: str, lock_prefix: str, pg_instance: ThrowawayPostgres,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by make chaos: a replacement daemon started while Postgres restarted exited at
     once. Start-up now waits up to ``startup_wait_s`` for the database."""
     from tests.conftest import REDIS_URL
@@ -310,8 +342,16 @@ async def test_start_up_waits_for_postgres_within_startup_wait(
     short = settings.model_copy(update={"startup_wait_s": 0.5})
     with pytest.raises(ConnectionRefusedError):  # after the short wait
         await Effects(short).start()
+    capture = LogCapture()
+    monkeypatch.setattr("mlpipe.effects.log", structlog.wrap_logger(None, processors=[capture]))
     starting = asyncio.create_task(Effects(settings).start())
-    await asyncio.sleep(1.5)
+
+    def attempts_failed() -> int:
+        return max((e["attempt"] for e in capture.entries
+                    if e["event"] == "effects.postgres_unavailable"), default=0)
+
+    # the third attempt fails past the short wait's 0.5 s (0.2 s + 0.4 s of backoff before it)
+    await wait_for(lambda: attempts_failed() >= 3, timeout=30, message="3 attempts failed")
     assert not starting.done()
     await asyncio.to_thread(pg_instance.start)
     effects = await asyncio.wait_for(starting, timeout=60)
