@@ -31,10 +31,11 @@ def register(registry: Registry, settings: Settings, *,
              large_api_model: str | None = None) -> None:
     # Imported here: `mlpipe search --help`, and code that only needs the resource names,
     # should not pay for the API client and the handler's imports.
-    from mlpipe.contract.models import TaskType
+    from mlpipe.contract.models import EmbedTask, TaskType
     from mlpipe.embedding.batcher import Batcher
     from mlpipe.embedding.local import LocalEmbedder
     from mlpipe.embedding.remote import ApiEmbedder
+    from mlpipe.handlers import HandlerResult, TaskContext
 
     from .handler import EmbedHandler
     from .store import ChunkStore
@@ -47,7 +48,10 @@ def register(registry: Registry, settings: Settings, *,
         ApiEmbedder(settings), max_batch=settings.embed_batch_size, max_wait_s=wait_s,
         max_concurrent_calls=API_CONCURRENT_CALLS, name="embed.api"))
     registry.add_resource(STORE, lambda: ChunkStore(settings))
-    handler = EmbedHandler(settings, large_api_model)
-    registry.register(TaskType.EMBED_VECTORS, handler.handle, timeout_s=TIMEOUT_S,
+    embedder = EmbedHandler(settings, large_api_model)
+
+    @registry.handler(TaskType.EMBED_VECTORS, timeout_s=TIMEOUT_S,
                       expected_runtime_s=EXPECTED_RUNTIME_S,
-                      estimate_cost=handler.estimate_cost)
+                      estimate_cost=embedder.estimate_cost)
+    async def embed_vectors(task: EmbedTask, ctx: TaskContext) -> HandlerResult:
+        return await embedder.handle(task, ctx)

@@ -54,12 +54,20 @@ def register(registry: Registry, settings: Settings) -> None:
     tokenizers = Tokenizers()
     registry.add_resource(TOKENIZERS, lambda: _tokenizers(tokenizers, settings))
     registry.add_resource(CLIENT, lambda: _client(settings))
-    for task_type, to_source in ((TaskType.SUMMARIZE_LLM, article_source),
-                                 (TaskType.SUMMARIZE_VIDEO_COMBINED, video_source)):
-        registry.register(task_type, _handler(settings, to_source),
-                          timeout_s=settings.api_timeout_s + TIMEOUT_SLACK_S,
-                          expected_runtime_s=EXPECTED_RUNTIME_S,
-                          estimate_cost=_estimator(settings, tokenizers, to_source))
+    limits = {"timeout_s": settings.api_timeout_s + TIMEOUT_SLACK_S,
+              "expected_runtime_s": EXPECTED_RUNTIME_S}
+    article, video = _handler(settings, article_source), _handler(settings, video_source)
+
+    @registry.handler(TaskType.SUMMARIZE_LLM, **limits,
+                      estimate_cost=_estimator(settings, tokenizers, article_source))
+    async def summarize_llm(task: SummarizeTask, ctx: TaskContext) -> HandlerResult:
+        return await article(task, ctx)
+
+    @registry.handler(TaskType.SUMMARIZE_VIDEO_COMBINED, **limits,
+                      estimate_cost=_estimator(settings, tokenizers, video_source))
+    async def summarize_video_combined(task: SummarizeVideoCombinedTask,
+                                       ctx: TaskContext) -> HandlerResult:
+        return await video(task, ctx)
 
 
 def api_model(settings: Settings, options: SummarizeOptions) -> str:

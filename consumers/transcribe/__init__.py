@@ -8,8 +8,8 @@ assembled by ``python -m consumers.transcribe.weights`` (see ``weights.py``).
 
 from __future__ import annotations
 
-from mlpipe.contract.models import TaskType
-from mlpipe.handlers import Registry
+from mlpipe.contract.models import TaskType, TranscribeTask
+from mlpipe.handlers import HandlerResult, Registry, TaskContext
 from mlpipe.settings import Settings
 
 from .audio import ChunkPolicy
@@ -24,15 +24,17 @@ EXPECTED_RUNTIME_S = 120.0
 def register(registry: Registry, settings: Settings, *,
              chunking: ChunkPolicy | None = None) -> None:
     """``chunking`` overrides where long audio is cut (tests use tiny chunks)."""
-    handler = TranscribeHandler(settings, chunking)
+    transcriber = TranscribeHandler(settings, chunking)
     registry.add_resource(RESOURCE_API, lambda: api_resource(settings))
     registry.add_resource(RESOURCE_LOCAL, lambda: local_resource(settings))
+
     # The daemon-wide limit: 30 min of audio through CPU whisper base fits well inside the
     # 900 s default, and it stays below RabbitMQ's 30 min consumer_timeout.
-    registry.register(TaskType.TRANSCRIBE_WHISPER, handler,
-                      timeout_s=settings.handler_timeout_s,
+    @registry.handler(TaskType.TRANSCRIBE_WHISPER, timeout_s=settings.handler_timeout_s,
                       expected_runtime_s=EXPECTED_RUNTIME_S,
-                      estimate_cost=handler.estimate_cost)
+                      estimate_cost=transcriber.estimate_cost)
+    async def transcribe_whisper(task: TranscribeTask, ctx: TaskContext) -> HandlerResult:
+        return await transcriber(task, ctx)
 
 
 __all__ = ["RESOURCE_API", "RESOURCE_LOCAL", "ChunkPolicy", "TranscribeHandler", "register"]
