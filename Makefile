@@ -44,7 +44,7 @@ services: setup ## start RabbitMQ, Redis, Postgres and the pgvector Postgres if 
 	bash scripts/services start
 	bash scripts/pgvector-server start
 
-test: lint ## lint, type-check and the whole test suite against the real services
+test: services lint ## (installs and starts what is missing) lint, type-check, the whole suite
 	$(PY) -m pytest -q
 
 unit: ## fast tests only (no services)
