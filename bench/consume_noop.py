@@ -26,17 +26,11 @@ from bench import broker
 from bench.measure import Completion, Run, cpu_seconds, deadline_for, quiesce
 from mlpipe.broker.topology import QUEUES_BY_NAME, Topology, declare
 from mlpipe.contract.models import EmbedTask, TaskType
+from mlpipe.execution import DirectExecutor
 from mlpipe.handlers import HandlerResult, Registry, TaskContext
 from mlpipe.settings import QueueTuning, Settings
 from mlpipe.testing import wait_for
 from mlpipe.worker.daemon import Daemon
-
-try:  # where the layering of issue 16 puts it
-    from mlpipe.execution import DirectExecutor
-except ImportError:  # before it
-    from mlpipe.worker.process import (  # type: ignore[attr-defined,no-redef,unused-ignore]
-        DirectExecutor,
-    )
 
 #: Deliveries the broker may push ahead of acks, for every contender. Measured on the 2-core
 #: reference machine: 64-256 are within noise of each other for raw aio-pika and mlpipe, and

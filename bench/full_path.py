@@ -5,12 +5,11 @@ outbox and the event, stays as a reference. The Celery contender is in ``bench.c
 * **mlpipe**: the daemon with the effects executor (``mlpipe.effects.Effects``) and a handler
   returning a small result. Per message: contract validation, input hash, the lock script
   (``SET NX PX``, the fencing token, a peek at the parked-result key: one round trip), the
-  workflow check of a caption (``SELECT state FROM ml_workflows``; only while the executor
-  makes it for every registry, see ``CHECKS_WORKFLOW``), the stored-result
-  ``SELECT``, the handler, one statement that upserts the result under its fence, inserts the
-  outbox row and returns what is pending, the confirmed publish of the event to
-  ``mlpipe.events``, the outbox mark (``UPDATE .. published_at``), the compare-and-delete
-  release (Lua), the ack.
+  stored-result ``SELECT``, the handler, one statement that upserts the result under its
+  fence, inserts the outbox row and returns what is pending, the confirmed publish of the
+  event to ``mlpipe.events``, the outbox mark (``UPDATE .. published_at``), the
+  compare-and-delete release (Lua), the ack. No workflow watches the task (the bench's
+  registry holds none, as for any task type that is not part of one): no workflow read.
 * **hand_written**: the same calls written by hand in an aio-pika consumer callback, with
   the same SQL text and the same Lua, kept in step with ``src/mlpipe/store/results.py``,
   ``store/outbox.py``, ``effects/executor.py`` and ``idempotency/lock.py`` by reading them (a
@@ -37,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -92,12 +90,6 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-_WORKFLOW_STATE = "SELECT state FROM ml_workflows WHERE share_id = $1"
-#: Whether mlpipe, with the bench's registry, reads a caption's video workflow state on every
-#: delivery. It does while the executor calls the video workflow itself; once workflows are
-#: the registry's hooks (``mlpipe.effects.hooks``, issue 16) only a registry holding the video
-#: workflow does, and the bench's holds none. The hand-written loop follows suit.
-CHECKS_WORKFLOW = importlib.util.find_spec("mlpipe.effects.hooks") is None
 _STORED = ("SELECT share_id, task_type, input_hash, result_data, model_version, processing_ms "
            "FROM ml_results WHERE share_id = $1 AND task_type = $2")
 _OUTBOX_COLUMNS = "id, exchange, routing_key, message_id, body, headers, kind"
@@ -372,9 +364,6 @@ async def hand_written_full(url: str, n: int, stores: Stores) -> Run:
             if not got:
                 raise RuntimeError(f"lock {key} unexpectedly held")
             try:
-                # a caption whose video workflow completed is superseded (never, here)
-                if CHECKS_WORKFLOW and await pool.fetchval(_WORKFLOW_STATE, share) == "completed":
-                    return
                 stored = await pool.fetchrow(_STORED, share, task_type)
                 if stored is not None and stored["input_hash"] == digest:
                     # a redelivery after a failure: the events the first attempt left behind

@@ -29,15 +29,9 @@ from bench.measure import Completion, quiesce
 from bench.report import percentile
 from mlpipe.broker.topology import Topology, declare
 from mlpipe.contract.models import EmbedTask, TaskType
+from mlpipe.execution import DirectExecutor
 from mlpipe.handlers import HandlerResult, Registry, TaskContext
 from mlpipe.worker.daemon import Daemon
-
-try:  # where the layering of issue 16 puts it
-    from mlpipe.execution import DirectExecutor
-except ImportError:  # before it
-    from mlpipe.worker.process import (  # type: ignore[attr-defined,no-redef,unused-ignore]
-        DirectExecutor,
-    )
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_FRACTION = 0.1
