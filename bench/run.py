@@ -281,9 +281,13 @@ def _embed_figures(b: Bench, workload: str, n: int, result: Mapping[str, Any]) -
                                 note=f"{n} msgs, {detail.get('texts_per_call', '?')} "
                                      f"texts/call{latency}"))
         print(f"  {workload}/{key}: {samples} msg/s", file=sys.stderr, flush=True)
-    if latency:
-        b.notes[workload] = (f"fake OpenAI-compatible server answering each call after "
-                             f"{result['api_latency_ms']:g} ms")
+    where = "; ".join(f"{mode}: {d.get('texts_per_call', '?')} texts/call, "
+                      f"{d.get('cpu_ms_per_msg', '?')} ms CPU/msg (last round)"
+                      for mode in ("batched", "one_call_per_message")
+                      if isinstance(d := result.get(mode), Mapping))
+    server = (f"fake OpenAI-compatible server answering each call after "
+              f"{result['api_latency_ms']:g} ms; " if latency else "")
+    b.notes[workload] = server + where
 
 
 async def memory(b: Bench) -> None:
