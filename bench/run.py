@@ -149,9 +149,11 @@ async def noop_consume(b: Bench) -> None:
             "celery": lambda: rate("celery", celery_noop(url, nc)),
         })
     for name, samples in cpu.items():
+        failed = f"noop_consume/{name}" in b.errors
         b.figures.append(figure("noop_cpu", name, "us/msg", samples, higher_is_better=False)
-                         if samples else missing("noop_cpu", name, "us/msg", "no sample",
-                                                 higher_is_better=False))
+                         if samples and not failed else
+                         missing("noop_cpu", name, "us/msg", "failed, see noop_consume",
+                                 higher_is_better=False))
 
 
 async def full_path(b: Bench) -> None:
