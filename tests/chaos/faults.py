@@ -229,7 +229,6 @@ FAULTS: dict[str, FaultFn] = {
     "redis_kill": redis_kill, "pg_restart": pg_restart, "pg_kill": pg_kill,
     "cluster_leader_kill": cluster_leader_kill, "cluster_follower_kill": cluster_follower_kill,
 }
-CLUSTER_FAULTS = ("cluster_leader_kill", "cluster_follower_kill")
 
 
 async def run_schedule(schedule: list[str], rig: Rig) -> list[Fault]:
