@@ -360,3 +360,17 @@ def test_a_results_file_renders_medians_min_and_max(tmp_path: Path) -> None:
                                ">= 3x | NOT MEASURED") for line in lines)
     table = render(figures_from_json(doc), check_all(figures_from_json(doc)))
     assert "900 msg/s (400..950)" in table
+
+
+def test_a_file_written_before_medians_is_read_as_medians() -> None:
+    """Results files of issue 7 stored the best round as the value; read back, the table
+    (which says "median") shows the median of their samples instead."""
+    doc = {"figures": [
+        {"workload": "noop_consume", "contender": "mlpipe", "unit": "msg/s", "value": 9274.0,
+         "samples": [8488.0, 9274.0, 8900.0], "higher_is_better": True, "note": ""},
+        {"workload": "noop_consume", "contender": "celery", "unit": "msg/s", "value": None,
+         "samples": [], "higher_is_better": True, "note": "celery not installed"}]}
+    mine, celery = figures_from_json(doc)
+    assert (mine.value, mine.low, mine.high) == (8900.0, 8488.0, 9274.0)
+    assert celery.value is None
+    assert celery.note == "celery not installed"
