@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ import asyncpg
 
 from mlpipe.contract.models import Task, TaskType, build_task
 from mlpipe.errors import PublishError
+from mlpipe.logs import configure
 from mlpipe.producer import Producer
 from mlpipe.settings import RetryPolicy, Settings
 from mlpipe.store.migrate import migrate
@@ -291,6 +293,11 @@ def main() -> int:
     parser.add_argument("--no-cluster", action="store_true",
                         help="skip the cluster phase (a partial run: its faults are not planned)")
     args = parser.parse_args()
+    # the harness's own clients reconnect through every fault: only errors are news here (the
+    # daemons' logs are in the run's log folder)
+    configure(json=False, level="ERROR")
+    for noisy in ("aiormq", "aio_pika"):  # every broker fault is an "error" to them
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     scale = SMALL if args.small else FULL
     report = asyncio.run(run(scale, seed=args.seed, cluster=not args.no_cluster))
     print(report.render())
