@@ -23,6 +23,8 @@ from mlpipe.producer import Producer
 from mlpipe.store import outbox
 from mlpipe.store.pool import DB
 
+from .batch import GroupCommit
+
 
 def completed_event(task: Task, result: HandlerResult, message_id: str | None) -> dict[str, Any]:
     event = events.ResultEvent(
@@ -57,6 +59,13 @@ class OutboxRelay:
     def __init__(self, pool: asyncpg.Pool, producer: Producer) -> None:
         self._pool = pool
         self._producer = producer
+        #: Concurrent deliveries' "published" marks in one UPDATE.
+        self._marks: GroupCommit[list[int], None] = GroupCommit(self._mark_batch,
+                                                                 max_items=256)
+
+    async def _mark_batch(self, batches: list[list[int]]) -> list[None]:
+        await outbox.mark_published(self._pool, [i for ids in batches for i in ids])
+        return [None] * len(batches)
 
     async def flush(self, share_id: str, task_type: str) -> int:
         """Publish what is still unpublished for this share and task type; raises
@@ -75,5 +84,6 @@ class OutboxRelay:
                     mandatory=m.kind == "task")
                 done.append(m.id)
         finally:
-            await outbox.mark_published(self._pool, done)
+            if done:
+                await self._marks.submit(done)
         return len(done)

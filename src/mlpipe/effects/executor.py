@@ -53,6 +53,7 @@ from mlpipe.store.pool import UNAVAILABLE, unavailable_is_transient
 from mlpipe.store.results import FenceRefused
 from mlpipe.worker.outcome import DeliveryProcessor, Skip
 
+from .batch import GroupCommit
 from .budget import BudgetGuard
 from .events import OutboxRelay, add_completed, new_completed
 from .hooks import ControlHandler, ControlProcessor, Workflow, WorkflowEnv
@@ -62,6 +63,9 @@ log = structlog.get_logger(__name__)
 
 #: Lock TTL as a multiple of the handler's expected runtime (renewed while it runs).
 LOCK_TTL_FACTOR = 1.5
+#: Most results (with their events) one statement stores: concurrent deliveries' writes are
+#: committed together (``batch.GroupCommit``), each delivery still acked after its own.
+SAVE_BATCH = 64
 #: Longest wait before a deferred delivery looks at the lock again.
 MAX_DEFER_S = 30.0
 #: Failures of the persisting transaction that are retried in-process: the database being
@@ -82,6 +86,10 @@ class EffectsExecutor:
         self._events_exchange = ""
         self._workflows: tuple[Workflow, ...] = ()
         self._env: WorkflowEnv | None = None
+        #: Results with their events, from concurrent deliveries, one statement at a time.
+        self._saves: GroupCommit[results.EventedResult, list[outbox.OutboxMessage]] = \
+            GroupCommit(self._save_batch, max_items=SAVE_BATCH, concurrency=2,
+                        key=lambda r: (r.share_id, r.task_type))
 
     def bind(self, runtime: Runtime) -> Bindings:
         """Called once by the daemon: result events and follow-up tasks leave through its
@@ -290,15 +298,20 @@ class EffectsExecutor:
                         # the common case: one statement, no explicit transaction
                         exchange, key, event_id, body = new_completed(
                             task, result, self._events_exchange, message_id)
-                        pending = await results.save_with_event(
-                            self._pool, task, result, input_hash=digest,
-                            processing_ms=elapsed_ms, fence=fence, exchange=exchange,
-                            routing_key=key, message_id=event_id, event=body)
+                        pending = await self._saves.submit(results.EventedResult(
+                            task.share_id, task.task_type.value, digest, result.data,
+                            result.model_version, elapsed_ms, fence, exchange, key, event_id,
+                            body))
                     else:
                         pending = await self._persist_in_transaction(
                             task, result, digest, elapsed_ms, reservation, message_id, fence,
                             watching)
         return pending
+
+    async def _save_batch(self, items: list[results.EventedResult]
+                          ) -> list[list[outbox.OutboxMessage] | FenceRefused]:
+        async with self._pool.acquire() as conn:
+            return await results.save_many_with_events(conn, items)
 
     async def _persist_in_transaction(self, task: Task, result: HandlerResult, digest: str,
                                       elapsed_ms: int, reservation: int | None,

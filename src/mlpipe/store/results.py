@@ -137,3 +137,89 @@ async def _refused(conn: DB, task: Task, fence: int) -> NoReturn:
         task.share_id, task.task_type.value)
     raise FenceRefused(task.share_id, task.task_type.value, fence,
                        None if stored is None else int(stored))
+
+
+@dataclass(frozen=True)
+class EventedResult:
+    """One delivery's part of ``save_many_with_events``: a result without cost entries or a
+    reservation, and its ``completed`` event."""
+
+    share_id: str
+    task_type: str
+    input_hash: str
+    data: dict[str, Any]
+    model_version: str | None
+    processing_ms: int
+    fence: int
+    exchange: str
+    routing_key: str
+    message_id: str
+    event: dict[str, Any]
+
+
+#: ``_UPSERT_WITH_EVENT`` for many results at once (arrays, one row per result): one round
+#: trip and one commit for a whole batch. Returns, tagged with their share and task type, the
+#: new event rows and every older row still unpublished for the same keys; a key whose result
+#: the fence refused returns nothing.
+_UPSERT_MANY_WITH_EVENTS = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[],
+                         $6::int[], $7::bigint[], $8::text[], $9::text[], $10::text[],
+                         $11::jsonb[])
+        AS i(share_id, task_type, input_hash, result_data, model_version, processing_ms,
+             fence, exchange, routing_key, message_id, event)
+), result AS (
+    INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
+                            processing_ms, cost_usd, fence)
+    SELECT share_id, task_type, input_hash, result_data, model_version, processing_ms, 0, fence
+    FROM input
+    ON CONFLICT (share_id, task_type) DO UPDATE SET
+        input_hash = EXCLUDED.input_hash, result_data = EXCLUDED.result_data,
+        model_version = EXCLUDED.model_version, processing_ms = EXCLUDED.processing_ms,
+        cost_usd = EXCLUDED.cost_usd, fence = EXCLUDED.fence, updated_at = now()
+    WHERE ml_results.fence < EXCLUDED.fence
+    RETURNING share_id, task_type
+), new AS (
+    INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id, body,
+                           headers)
+    SELECT i.share_id, i.task_type, 'event', i.exchange, i.routing_key, i.message_id, i.event,
+           '{}'::jsonb
+    FROM input i JOIN result r ON r.share_id = i.share_id AND r.task_type = i.task_type
+    RETURNING share_id, task_type, """ + outbox.COLUMNS + """
+)
+SELECT o.share_id, o.task_type, """ + ", ".join(f"o.{c.strip()}" for c in
+                                               outbox.COLUMNS.split(",")) + """
+FROM ml_outbox o JOIN (SELECT DISTINCT share_id, task_type FROM new) n
+    ON o.share_id = n.share_id AND o.task_type = n.task_type
+WHERE o.published_at IS NULL
+UNION ALL SELECT * FROM new ORDER BY id
+"""
+
+
+async def save_many_with_events(conn: DB, items: list[EventedResult]
+                                ) -> list[list[outbox.OutboxMessage] | FenceRefused]:
+    """``save_with_event`` for a batch of results with distinct (share, task type): one
+    statement. Each item gets what the outbox holds for its key, or its ``FenceRefused``."""
+    rows = await conn.fetch(
+        _UPSERT_MANY_WITH_EVENTS, [i.share_id for i in items], [i.task_type for i in items],
+        [i.input_hash for i in items], [i.data for i in items],
+        [i.model_version for i in items], [i.processing_ms for i in items],
+        [i.fence for i in items], [i.exchange for i in items], [i.routing_key for i in items],
+        [i.message_id for i in items], [i.event for i in items])
+    by_key: dict[tuple[str, str], list[outbox.OutboxMessage]] = {}
+    for r in rows:
+        row = dict(r)
+        key = (row.pop("share_id"), row.pop("task_type"))
+        by_key.setdefault(key, []).append(outbox.OutboxMessage(**row))
+    answers: list[list[outbox.OutboxMessage] | FenceRefused] = []
+    for item in items:
+        pending = by_key.get((item.share_id, item.task_type))
+        if pending is not None:
+            answers.append(pending)
+            continue
+        stored = await conn.fetchval(
+            "SELECT fence FROM ml_results WHERE share_id = $1 AND task_type = $2",
+            item.share_id, item.task_type)
+        answers.append(FenceRefused(item.share_id, item.task_type, item.fence,
+                                    None if stored is None else int(stored)))
+    return answers
