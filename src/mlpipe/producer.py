@@ -185,6 +185,10 @@ class Producer:
     def circuit_open(self) -> bool:
         return self._conn.failed_attempts >= self._settings.circuit_failure_threshold
 
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Until the publish connection is up; ``TimeoutError`` after ``timeout``."""
+        await self._conn.wait_connected(timeout)
+
     def status(self) -> ProducerStatus:
         return ProducerStatus(
             state=str(self._conn.state),

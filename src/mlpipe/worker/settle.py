@@ -7,6 +7,7 @@ duplicated by a crash between the two steps but never lost.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -40,6 +41,14 @@ from mlpipe.worker.headers import (
 from mlpipe.worker.outcome import DeadLetter, Outcome, Processed, Requeue, Retry
 
 log = structlog.get_logger(__name__)
+
+#: How long a delivery whose settle could not publish is held (unacked) waiting for the
+#: publish connection before it is handed back: a requeue at once would come straight back,
+#: fail the same way, and use up the quorum queue's delivery limit within seconds.
+HOLD_FOR_PUBLISHER_S = 30.0
+#: And at least this long: a connection that is up but still refuses publishes must not turn
+#: into a redelivery a few milliseconds later either.
+MIN_HOLD_S = 1.0
 
 #: What the dead-letter branch tells the workflows: the task failed for good, and why.
 DeadLetterHook = Callable[[Any, str], Awaitable[None]]
@@ -116,9 +125,20 @@ class Settler:
         except PublishError as exc:
             log.warning("settle.publish_failed_requeue", error=str(exc),
                         message_id=message.message_id)
+            await self._hold_until_publishable()
             await self._requeue(message)
             return
         await self._ack(message)  # Ack, Skip, and a Retry or DeadLetter once re-published
+
+    async def _hold_until_publishable(self) -> None:
+        """The consume side can be back before the publish side (after a broker restart the
+        two connections recover independently). Keeping the delivery until the producer is
+        connected again turns a redelivery storm into one retry."""
+        try:
+            await asyncio.gather(self._producer.wait_connected(timeout=HOLD_FOR_PUBLISHER_S),
+                                 asyncio.sleep(MIN_HOLD_S))
+        except (TimeoutError, RuntimeError) as exc:  # still down, or the daemon is closing
+            log.warning("settle.publisher_still_down", error=repr(exc))
 
     async def _tell_workflows(self, task: Any, outcome: DeadLetter) -> None:
         if task is None or self.on_dead_letter is None:
