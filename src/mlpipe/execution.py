@@ -10,7 +10,7 @@ executor (queues to consume, what to do on a dead letter, gauges to read at scra
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +44,8 @@ class Bindings:
     control_processors: dict[str, DeliveryProcessor] = field(default_factory=dict)
     on_dead_letter: Callable[[Task, str], Awaitable[None]] | None = None
     collect_metrics: Callable[[], Awaitable[None]] | None = None
+    #: Loops the daemon runs while it consumes and cancels when it stops (the outbox sweep).
+    background: tuple[Callable[[], Coroutine[Any, Any, None]], ...] = ()
 
 
 class Executor(Protocol):

@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     #: How long a finished result that could not be stored stays parked in Redis for the
     #: delivery's retry to store instead of paying for the handler again.
     parked_result_ttl_s: float = Field(default=86_400.0, gt=0)
+    #: Every so often a daemon publishes outbox rows left unpublished this long (an event whose
+    #: delivery was lost after its result committed); 0 turns the sweep off.
+    outbox_sweep_s: float = Field(default=60.0, ge=0)
     #: Deferrals (another worker holds the lock for a different input) before dead-lettering
     #: with ``lock_contention``.
     max_deferrals: int = Field(default=50, ge=1)

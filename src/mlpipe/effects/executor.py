@@ -102,8 +102,9 @@ class EffectsExecutor:
         self._workflows = tuple(runtime.workflows)
         self._env = WorkflowEnv(topo.tasks_exchange, topo.delay_exchange, topo.workflow_queue,
                                 topo)
+        sweep = (self._sweep_outbox,) if self._settings.outbox_sweep_s > 0 else ()
         if not self._workflows:
-            return Bindings()
+            return Bindings(background=sweep)
         control: dict[str, ControlHandler] = {}
         for workflow in self._workflows:
             control.update(workflow.control)
@@ -118,7 +119,26 @@ class EffectsExecutor:
                 await workflow.collect_metrics(self._pool, metrics)
 
         return Bindings(control_processors=processors, on_dead_letter=self._on_dead_letter,
-                        collect_metrics=collect)
+                        collect_metrics=collect, background=sweep)
+
+    async def _sweep_outbox(self) -> None:
+        """Events are written with their result and published before the ack, so a crash
+        delays one until the redelivery flushes it. A delivery that is lost after its result
+        committed (dead-lettered by the broker's delivery limit) has no redelivery: this loop
+        publishes what stayed unpublished past ``outbox_sweep_s`` (at least once, under the
+        event's own message id)."""
+        period = self._settings.outbox_sweep_s
+        while True:
+            await asyncio.sleep(period)
+            if self._relay is None:
+                continue
+            try:
+                owed = await outbox.owed(self._pool, period)
+                if owed:
+                    sent = await self._relay.publish(owed)
+                    log.warning("outbox.owed_published", count=sent)
+            except Exception as exc:  # the next sweep tries again
+                log.warning("outbox.sweep_failed", error=repr(exc))
 
     async def execute(self, task: Task, spec: HandlerSpec,
                       ctx: TaskContext) -> HandlerResult | Skip:

@@ -53,6 +53,16 @@ async def add_then_pending(conn: DB, *, share_id: str, task_type: str, kind: str
     return [OutboxMessage(**dict(r)) for r in rows]
 
 
+async def owed(conn: DB, older_than_s: float, limit: int = 500) -> list[OutboxMessage]:
+    """Rows still unpublished ``older_than_s`` after they were written, oldest first: events
+    whose delivery did not live to publish them (the partial index holds only these)."""
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS} FROM ml_outbox WHERE published_at IS NULL "
+        "AND created_at < now() - make_interval(secs => $1) ORDER BY id LIMIT $2",
+        older_than_s, limit)
+    return [OutboxMessage(**dict(r)) for r in rows]
+
+
 async def pending(conn: DB, share_id: str, task_type: str) -> list[OutboxMessage]:
     rows = await conn.fetch(
         "SELECT id, exchange, routing_key, message_id, body, headers, kind FROM ml_outbox "

@@ -83,6 +83,8 @@ class Daemon:
         executor = executor or DirectExecutor(settings)
         bindings = executor.bind(Runtime(self.producer, self.metrics, registry.workflows))
         self._settler = Settler(self.producer, self.topology, bindings.on_dead_letter)
+        self._background_loops = bindings.background
+        self._background: list[asyncio.Task[None]] = []
         self._processor = Processor(settings, registry, executor, self.resources)
         self._recycler = Recycler(settings.max_tasks, settings.max_rss_mb)
         self._queues = list(queues)
@@ -120,6 +122,7 @@ class Daemon:
                 await self.http.start()
             await self.producer.start(timeout=timeout)
             await self._conn.start(wait=True, timeout=timeout)
+            self._background = [asyncio.create_task(loop()) for loop in self._background_loops]
         except BaseException:
             await self.producer.close()
             if self.http is not None:
@@ -154,6 +157,9 @@ class Daemon:
         cancelled = sum(await asyncio.gather(*(c.drain(grace) for c in self.consumers)))
         if cancelled:
             log.warning("daemon.drain_cancelled", cancelled=cancelled, grace_s=grace)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._conn.close()
         await self.producer.close()
         if self.http is not None:
