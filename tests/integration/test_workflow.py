@@ -99,7 +99,11 @@ async def test_video_goes_through_every_state_once(env: Env) -> None:
     await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
                        hashtags=["sourdough", "baking"])
     await wait_for(lambda: ("vid-1", "caption") in stand.embedded, message="caption embedded")
-    assert await state(effects, "vid-1") == "video_transcribing"  # caption first, in seconds
+
+    async def transcribing() -> bool:  # its delivery may start after the caption's finished
+        return await state(effects, "vid-1") == "video_transcribing"
+
+    await wait_for(transcribing, message="transcription under way")  # caption first, in seconds
     stand.release_transcription.set()
 
     async def completed() -> bool:
@@ -121,7 +125,11 @@ async def test_video_goes_through_every_state_once(env: Env) -> None:
     assert content.lead == "A sourdough baking video.\n\nSourdough in 7 days\n\n" \
                            "#sourdough #baking"
 
-    # the same share submitted again: nothing paid runs again, the rich embedding stays
+    # the same share submitted again, once the first round is settled (its locks released):
+    # nothing paid runs again, the rich embedding stays
+    await wait_for(lambda: acked(daemon, TaskType.TRANSCRIBE_WHISPER) == 1
+                   and acked(daemon, TaskType.EMBED_VECTORS) == 2,
+                   message="the first round acked")
     await submit_video(producer, "vid-1", "s3://media/vid-1.mp4", caption="Sourdough in 7 days",
                        hashtags=["sourdough", "baking"])
     await wait_for(lambda: acked(daemon, TaskType.TRANSCRIBE_WHISPER) == 2
