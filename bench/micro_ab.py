@@ -1,0 +1,348 @@
+"""A/B of the daemon's micro-optimisations on the no-op consume row (issue 16).
+
+Issue 16 keeps each micro-optimisation only if it buys at least 5 % on a ``make bench`` row.
+The row it was written for is workload 1, no-op consume (``bench.consume_noop.mlpipe_noop``:
+the real ``Daemon`` with ``DirectExecutor`` and a handler that returns at once, on uvloop,
+against a quorum queue pre-filled with contract messages). On a shared machine wall-clock
+throughput moves with the other processes, so this script measures what hardly does:
+
+* **client CPU µs per message**: CPU time (user + system) of the consuming process over the
+  same window as the bench (first handler start to the n-th settle), divided by n, as row 1'
+  does. Every round runs each variant once, order rotating, each in a fresh process (so a
+  variant's monkeypatches and structlog's cached loggers cannot leak into another's); the
+  figure is the median of the rounds.
+* **instructions per message** (``--callgrind``): the same consuming process under
+  ``valgrind --tool=callgrind``, for two message counts; the difference of the two totals
+  divided by the difference of the counts is the per-message cost, free of start-up and
+  shutdown, and of the machine's load.
+
+Variants (the product is never edited: a variant applies a temporary monkeypatch in the
+consuming process, before the daemon is built):
+
+* ``current``: the code as it is;
+* ``plain_timeout``: ``run_handler`` under ``asyncio.timeout`` instead of
+  ``worker.timeouts.limit`` (the shared timer);
+* ``plain_delivery``: the consumer subscribes with aio-pika's ``queue.consume`` and gets
+  aio-pika's ``IncomingMessage`` (whose ``ack`` waits for the write) instead of aiormq's
+  ``basic_consume`` and the lazy ``Delivery`` (whose ack does not wait);
+* ``plain_logs``: structlog's processors (``merge_contextvars``, ``add_log_level``,
+  ``TimeStamper``, ``format_exc_info``) and ``JSONRenderer`` to a ``PrintLogger`` instead of
+  ``logs.Prepare`` + the pydantic-core ``JsonRenderer`` to a ``BytesLogger``;
+* ``all_plain``: the three together.
+
+A variant whose optimisation is already gone from the product is the same as ``current``
+(its patch is skipped, and said so).
+
+Logging is configured as ``bench.run`` does it (JSON at INFO into /dev/null), so the daemon
+pays for its ``task.done`` line per delivery as in production.
+
+Usage::
+
+    python -m bench.micro_ab                       # 7 rounds x 4,000 messages, CPU µs/msg
+    python -m bench.micro_ab --rounds 9 --n 6000 --variants current,plain_logs
+    python -m bench.micro_ab --callgrind           # instructions/msg, 500 and 2,500 messages
+
+It needs RabbitMQ (``BENCH_BROKER_HOST``, default 127.0.0.1:5672, guest/guest) and
+``rabbitmqctl``: it works in a throwaway vhost, deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+VARIANTS = ("current", "plain_timeout", "plain_delivery", "plain_logs", "all_plain")
+
+#: What each optimisation's gain is read against: its plain variant vs ``current``.
+OPTIMISATIONS = {"timeouts.limit": "plain_timeout", "Delivery": "plain_delivery",
+                 "log renderer": "plain_logs", "all three": "all_plain"}
+
+
+# --- the plain versions (what the product had before each optimisation) -----------------------
+
+
+def _patch_timeout() -> str:
+    """``run_handler`` as it was before ``worker/timeouts.py``: ``asyncio.timeout``."""
+    import mlpipe.execution as execution
+
+    if not hasattr(execution, "limit"):
+        return "plain_timeout: run_handler has no limit() any more; nothing to patch"
+    from mlpipe.errors import HandlerTimeout
+    from mlpipe.handlers import HandlerResult
+
+    async def run_handler(task: Any, spec: Any, ctx: Any, default_timeout_s: float) -> Any:
+        seconds = spec.timeout_s or default_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                result = await spec.func(task, ctx)
+        except TimeoutError:
+            raise HandlerTimeout(f"{task.task_type.value} ran longer than {seconds}s") from None
+        if not isinstance(result, HandlerResult):
+            raise TypeError(f"handler for {task.task_type.value} returned "
+                            f"{type(result).__name__}, not HandlerResult")
+        return result
+
+    execution.run_handler = run_handler
+    return "plain_timeout: run_handler under asyncio.timeout"
+
+
+def _patch_delivery() -> str:
+    """The consumer as aio-pika's users write it: ``queue.consume`` -> ``IncomingMessage``."""
+    import structlog
+
+    from mlpipe.worker import consumer
+
+    if not hasattr(consumer, "Delivery"):
+        return "plain_delivery: the consumer has no Delivery any more; nothing to patch"
+    log = structlog.get_logger(consumer.__name__)
+
+    async def subscribe(self: Any, channel: Any) -> None:
+        await channel.set_qos(prefetch_count=self._tuning.prefetch)
+        self._queue = await channel.get_queue(self.queue_name, ensure=False)
+        self._accepting = True
+        self._channel = None  # acks are awaited: nothing to flush
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        log.info("consumer.subscribed", queue=self.queue_name, prefetch=self._tuning.prefetch,
+                 concurrency=self._tuning.concurrency)
+
+    consumer.QueueConsumer.subscribe = subscribe  # type: ignore[method-assign]
+    return "plain_delivery: queue.consume with aio-pika's IncomingMessage"
+
+
+def _plain_configure(level: str = "INFO") -> None:
+    """``logs.configure(json=True)`` as it was before the cheaper renderer (805cf70^)."""
+    import logging
+
+    import structlog
+
+    renderer = structlog.processors.JSONRenderer()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.getLevelName(level))
+
+
+def _configure_logging(plain: bool) -> str:
+    """JSON at INFO into /dev/null, as ``bench.run`` does."""
+    import mlpipe.logs
+
+    sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if plain and not hasattr(mlpipe.logs, "Prepare"):
+        plain = False
+        note = "plain_logs: logs.configure is structlog's chain already; nothing to patch"
+    else:
+        note = "plain_logs: structlog's processors and JSONRenderer" if plain else ""
+    with contextlib.redirect_stderr(sink):
+        if plain:
+            _plain_configure()
+        else:
+            mlpipe.logs.configure(json=True, level="INFO")
+    return note
+
+
+def apply(variant: str) -> list[str]:
+    """Set the consuming process up as ``variant``; returns what was patched."""
+    notes: list[str] = []
+    everything = variant == "all_plain"
+    if everything or variant == "plain_timeout":
+        notes.append(_patch_timeout())
+    if everything or variant == "plain_delivery":
+        notes.append(_patch_delivery())
+    notes.append(_configure_logging(plain=everything or variant == "plain_logs"))
+    return [n for n in notes if n]
+
+
+# --- one consuming process --------------------------------------------------------------------
+
+
+async def _consume(url: str, n: int, timeout: float) -> dict[str, float]:
+    from bench.consume_noop import EMBED, mlpipe_settings, noop_registry
+    from bench.measure import Completion, quiesce
+    from mlpipe.execution import DirectExecutor
+    from mlpipe.testing import wait_for
+    from mlpipe.worker.daemon import Daemon
+
+    handled = Completion(n)
+    settings = mlpipe_settings(url)
+    daemon = Daemon(settings, noop_registry(handled), [EMBED],
+                    executor=DirectExecutor(settings), name="micro-ab")
+    quiesce()
+    await daemon.start()
+    try:
+        await handled.wait(timeout)
+        await wait_for(lambda: daemon.status().tasks_done >= n, interval=0.0005,
+                       timeout=timeout, message="all messages settled")
+        from bench.measure import cpu_seconds
+
+        cpu_end, wall_end = cpu_seconds(), time.perf_counter()
+    finally:
+        await daemon.stop()
+    assert handled.first is not None
+    assert handled.cpu_first is not None
+    return {"cpu_us_per_msg": (cpu_end - handled.cpu_first) / n * 1e6,
+            "seconds": wall_end - handled.first}
+
+
+def consume_once(variant: str, url: str, n: int, timeout: float) -> None:
+    """The child: apply ``variant``, consume ``n`` messages, print one JSON line."""
+    notes = apply(variant)
+    import uvloop
+
+    result = uvloop.run(_consume(url, n, timeout))
+    print(json.dumps({"variant": variant, "n": n, **result, "notes": notes}), flush=True)
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+async def _prefill(url: str, n: int) -> str:
+    from bench.consume_noop import prepare_mlpipe_queue
+
+    return await prepare_mlpipe_queue(url, n)
+
+
+async def _drained_and_deleted(url: str, queue: str) -> None:
+    from bench import broker
+
+    left = await broker.queue_depth(url, queue)
+    await broker.delete_queue(url, queue)
+    if left:
+        raise RuntimeError(f"{queue}: {left} messages left after the run; acks were lost")
+
+
+def _child(variant: str, url: str, n: int, timeout: float,
+           wrap: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    cmd = [*wrap, sys.executable, "-m", "bench.micro_ab", "--one", variant, "--url", url,
+           "--n", str(n), "--timeout", str(timeout)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 3 + 600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
+def _run_one(url: str, variant: str, n: int, timeout: float,
+             wrap: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    queue = asyncio.run(_prefill(url, n))
+    done = _child(variant, url, n, timeout, wrap)
+    asyncio.run(_drained_and_deleted(url, queue))
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result, done.stderr
+
+
+def _summary(samples: dict[str, list[float]], unit: str) -> None:
+    med = {v: statistics.median(s) for v, s in samples.items() if s}
+    print(f"\n{'variant':<16}{'median':>12}{'min':>12}{'max':>12}  {unit}")
+    for v, s in samples.items():
+        if s:
+            print(f"{v:<16}{med[v]:>12.2f}{min(s):>12.2f}{max(s):>12.2f}")
+    if "current" not in med:
+        return
+    print("\ngain of each optimisation (plain cost / current cost - 1, i.e. throughput at "
+          "equal CPU; 5 % keeps it):")
+    for name, plain in OPTIMISATIONS.items():
+        if plain in med:
+            gain = med[plain] / med["current"] - 1
+            print(f"  {name:<16}{gain * 100:>+7.1f} %  ({med[plain]:.2f} -> "
+                  f"{med['current']:.2f} {unit})")
+
+
+def cpu_ab(url: str, variants: Sequence[str], rounds: int, n: int, timeout: float) -> None:
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        order = list(variants[r % len(variants):]) + list(variants[:r % len(variants)])
+        for variant in order:
+            result, _ = _run_one(url, variant, n, timeout)
+            samples[variant].append(result["cpu_us_per_msg"])
+            print(f"round {r + 1} {variant:<16}{result['cpu_us_per_msg']:8.2f} µs/msg  "
+                  f"{n / result['seconds']:8.0f} msg/s  load {os.getloadavg()[0]:.1f}  "
+                  f"{'; '.join(result['notes'])}", flush=True)
+    _summary(samples, "CPU µs/msg")
+
+
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def callgrind_ab(url: str, variants: Sequence[str], counts: tuple[int, int],
+                 timeout: float) -> None:
+    out_dir = tempfile.mkdtemp(prefix="micro_ab_callgrind.")
+    totals: dict[str, dict[int, int]] = {v: {} for v in variants}
+    for n in counts:
+        for variant in variants:
+            out = os.path.join(out_dir, f"callgrind.{variant}.{n}")
+            wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            _, stderr = _run_one(url, variant, n, timeout, wrap)
+            found = _COLLECTED.findall(stderr)
+            if not found:
+                raise RuntimeError(f"no instruction count from callgrind:\n{stderr[-2000:]}")
+            totals[variant][n] = int(found[-1])
+            print(f"{variant:<16} n={n:<6} {int(found[-1]):>16,} instructions", flush=True)
+    lo, hi = counts
+    per = {v: [(t[hi] - t[lo]) / (hi - lo)] for v, t in totals.items()}
+    print(f"\ninstructions per message = (I({hi}) - I({lo})) / {hi - lo}; profiles in {out_dir}")
+    _summary(per, "instructions/msg")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro_ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--n", type=int, default=4000, help="messages per run (CPU mode)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="instruction counts under valgrind instead of CPU time")
+    parser.add_argument("--counts", default="500,2500",
+                        help="the two message counts of --callgrind")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        consume_once(args.one, args.url, args.n, args.timeout)
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    from bench import broker
+
+    run: Callable[[str], None]
+    if args.callgrind:
+        lo, hi = (int(c) for c in args.counts.split(","))
+        def run(url: str) -> None:
+            callgrind_ab(url, variants, (lo, hi), args.timeout)
+    else:
+        def run(url: str) -> None:
+            cpu_ab(url, variants, args.rounds, args.n, args.timeout)
+    with broker.vhost("micro-ab") as url:
+        run(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
