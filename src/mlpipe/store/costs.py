@@ -59,6 +59,38 @@ async def reserve_if_within(conn: DB, task_type: str, share_id: str,
     return int(rid), current
 
 
+async def reserve_many_if_within(conn: DB, task_type: str, wanted: list[tuple[str, Decimal]],
+                                 hourly: Decimal, daily: Decimal
+                                 ) -> list[tuple[int | None, Spend]]:
+    """``reserve_if_within`` for several (share id, estimate) of one task type at once, in
+    order, under one advisory lock and one spend query: each is judged against the spend
+    plus the estimates reserved before it in the batch, exactly as if they had come one after
+    the other. Returns, per item, its reservation id (None when refused) and the spend it was
+    judged against. Call inside a transaction."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('mlpipe-budget:' || $1))",
+                       task_type)
+    current = await spend(conn, task_type)
+    hour, day = current.hour_usd, current.day_usd
+    judged: list[tuple[bool, Spend]] = []
+    for _share, estimate in wanted:
+        fits = not ((hourly > 0 and hour + estimate > hourly)
+                    or (daily > 0 and day + estimate > daily))
+        judged.append((fits, Spend(hour, day)))
+        if fits:
+            hour, day = hour + estimate, day + estimate
+    accepted = [w for w, (fits, _) in zip(wanted, judged, strict=True) if fits]
+    ids: list[int] = []
+    if accepted:
+        rows = await conn.fetch(
+            "WITH ins AS (INSERT INTO ml_cost_reservations (task_type, share_id, usd) "
+            "SELECT $1, s, u FROM unnest($2::text[], $3::numeric[]) WITH ORDINALITY "
+            "AS t(s, u, n) ORDER BY n RETURNING id) SELECT id FROM ins ORDER BY id",
+            task_type, [a[0] for a in accepted], [a[1] for a in accepted])
+        ids = [int(r["id"]) for r in rows]
+    taken = iter(ids)
+    return [(next(taken) if fits else None, seen) for fits, seen in judged]
+
+
 async def release(conn: DB, reservation_id: int) -> None:
     await conn.execute("DELETE FROM ml_cost_reservations WHERE id = $1", reservation_id)
 
