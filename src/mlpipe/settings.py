@@ -183,6 +183,18 @@ class Settings(BaseSettings):
     whisper_model_dir: str | None = None
     #: Directory of a sentence-embedding model (ONNX, MiniLM family) for local embeddings.
     embedding_model_dir: str | None = None
+    #: Where local faster-whisper runs: ``auto`` (CUDA when CTranslate2 sees a GPU, else the
+    #: CPU), ``cpu`` or ``cuda``. An explicit value this machine cannot honour stops the worker
+    #: at start-up rather than running a GPU worker on its CPU.
+    whisper_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
+    #: CTranslate2 compute type of local Whisper: ``auto`` (``float16`` on CUDA, ``int8`` on
+    #: the CPU) or one CTranslate2 supports on that device.
+    whisper_compute_type: str = Field(
+        default="auto", pattern=r"^(auto|default|int8|int8_float32|int8_float16|int8_bfloat16"
+                                r"|int16|float16|bfloat16|float32)$")
+    #: Where the local ONNX embedder runs: ``auto`` (onnxruntime's CUDA provider when the
+    #: installed onnxruntime has it, i.e. ``onnxruntime-gpu``, else the CPU), ``cpu`` or ``cuda``.
+    embedding_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
     #: Local media paths are readable only under these directories; anything else is refused.
     media_roots: list[str] = Field(default_factory=list)
     #: A media URL from the broker is hostile: ``http(s)`` fetches dial only public unicast

@@ -8,15 +8,22 @@ assembles such a directory from PyPI packages for tests and demos.
 
 The sentence vector is what sentence-transformers computes for this model: mean of the token
 vectors over the attention mask, then L2 normalisation, 384 dimensions.
+
+``embedding_device`` picks onnxruntime's execution provider: ``auto`` runs on CUDA when the
+installed onnxruntime has the CUDA provider (``onnxruntime-gpu``) and it initialises, else on
+the CPU; ``cuda`` insists (see ``onnx_providers``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from mlpipe.errors import PermanentError
 
@@ -35,15 +42,55 @@ MAX_SEQ_TOKENS = 256
 #: pad a whole batch of short ones to its length.
 INFERENCE_GROUP = 16
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+log = structlog.get_logger(__name__)
+
+
+def onnx_providers(device: str = "auto", available: Sequence[str] | None = None) -> list[str]:
+    """onnxruntime execution providers for ``embedding_device``, in preference order.
+
+    ``auto`` and ``cuda`` put ``CUDAExecutionProvider`` first when ``available`` (default:
+    ``onnxruntime.get_available_providers()``) has it, the CPU after it; ``cpu`` is the CPU
+    only. An explicit ``cuda`` without the CUDA provider raises ``ValueError`` (a configuration
+    error, reported at start-up) rather than falling back: a GPU worker must not embed at CPU
+    speed while holding a GPU, and retrying a task cannot install onnxruntime-gpu."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"embedding device {device!r}: expected auto, cpu or cuda")
+    if available is None:
+        import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
+
+        available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if device == "cuda":
+        raise ValueError(
+            f"MLPIPE_EMBEDDING_DEVICE=cuda but onnxruntime has no {CUDA_PROVIDER} (available: "
+            f"{', '.join(available)}): install onnxruntime-gpu in place of onnxruntime, or set "
+            "MLPIPE_EMBEDDING_DEVICE=auto or cpu")
+    return [CPU_PROVIDER]
+
 
 class LocalEmbedder:
     """Loads lazily (first call) and runs inference in a worker thread, so the event loop keeps
-    serving other deliveries; one inference at a time (onnxruntime already uses every core)."""
+    serving other deliveries; one inference at a time (onnxruntime already uses every core).
+
+    ``device`` is ``embedding_device``: an explicit ``cuda`` is checked here (the daemon's
+    start-up) when onnxruntime is installed, and again when the session is made (the CUDA
+    provider may be listed yet fail to initialise, e.g. without the CUDA libraries)."""
 
     default_model = MODEL_NAME
 
-    def __init__(self, model_dir: str | None) -> None:
+    def __init__(self, model_dir: str | None, *, device: str = "auto") -> None:
         self._model_dir = model_dir
+        self._device = device
+        if device == "cuda" and importlib.util.find_spec("onnxruntime") is not None:
+            onnx_providers(device)
+        #: The execution provider the session runs on, once loaded.
+        self.provider: str | None = None
         self._session: Any = None
         self._tokenizer: Any = None
         self._input_names: frozenset[str] = frozenset()
@@ -94,7 +141,7 @@ class LocalEmbedder:
             if self._session is not None:
                 return
             model_file, tokenizer_file = model_files(self._model_dir)
-            import onnxruntime as ort  # type: ignore[import-untyped]
+            import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -105,15 +152,30 @@ class LocalEmbedder:
             # Idle inference threads must not spin: the broker, Postgres and the event loop
             # share these cores between batches.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            wanted = onnx_providers(self._device)
             session = ort.InferenceSession(str(model_file), sess_options=options,
-                                           providers=["CPUExecutionProvider"])
+                                           providers=wanted)
+            used = session.get_providers()
+            if wanted[0] == CUDA_PROVIDER and used[0] != CUDA_PROVIDER:
+                # listed by onnxruntime-gpu, but it could not initialise (no GPU visible, CUDA
+                # or cuDNN libraries missing): onnxruntime went on with the CPU
+                if self._device == "cuda":
+                    raise ValueError(
+                        f"MLPIPE_EMBEDDING_DEVICE=cuda but {CUDA_PROVIDER} did not initialise "
+                        f"(the session runs on {', '.join(used)}): check the GPU and the CUDA "
+                        "12 / cuDNN 9 libraries onnxruntime-gpu needs")
+                log.warning("embedding.cuda_unavailable", providers=used,
+                            effect=f"embedding on {used[0]}")
             dims = session.get_outputs()[0].shape[-1]
             if dims != DIMS:
                 raise PermanentError(f"{model_file} produces {dims}-dim vectors, not {DIMS}: "
                                      f"not an all-MiniLM-L6-v2 export", reason="model_invalid")
             self._input_names = frozenset(i.name for i in session.get_inputs())
             self._tokenizer = tokenizer
+            self.provider = used[0]
             self._session = session
+            log.info("embedding.local_model_loaded", model=MODEL_NAME, provider=used[0],
+                     requested_device=self._device)
 
 
 def model_files(model_dir: str | None) -> tuple[Path, Path]:

@@ -104,4 +104,6 @@ def query_backend(settings: Settings, wanted: str | None = None) -> EmbedBackend
 
     use_api = wanted == "api" or (wanted is None
                                   and api_available(settings, TaskType.EMBED_VECTORS))
-    return ApiEmbedder(settings) if use_api else LocalEmbedder(settings.embedding_model_dir)
+    if use_api:
+        return ApiEmbedder(settings)
+    return LocalEmbedder(settings.embedding_model_dir, device=settings.embedding_device)
