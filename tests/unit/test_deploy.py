@@ -64,7 +64,8 @@ CRDS = DEPLOY / "schemas" / "crds"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 
-OVERLAYS = ("dev", "prod")
+#: prod-gpu is prod with components/gpu: every overlay check applies to it as well.
+OVERLAYS = ("dev", "prod", "prod-gpu")
 #: Oldest Kubernetes the manifests target (PDB unhealthyPodEvictionPolicy is GA in 1.31) and
 #: the newest the schema package knows.
 K8S_VERSIONS = ("1.31", "1.37")
@@ -637,6 +638,82 @@ def test_prometheus_can_scrape_every_worker(overlay: str) -> None:
         notes = w.doc["spec"]["template"]["metadata"].get("annotations", {})
         assert notes.get("prometheus.io/scrape") == "true", w.name
         assert notes.get("prometheus.io/port") == str(HTTP_PORT), w.name
+
+
+# --- Kubernetes: GPU workers (components/gpu) -----------------------------------------------------
+
+GPU_QUEUES = {"transcribe_local", "embed_local"}
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def test_gpu_component_puts_exactly_the_local_model_queues_on_gpus() -> None:
+    """overlays/prod-gpu = prod + components/gpu: transcribe_local and embed_local ask for one
+    GPU, run on GPU nodes (tolerating their taint), take one task at a time with one delivery
+    prefetched, run their models on CUDA and use the GPU image; nothing else changes."""
+    gpu = {w.queue.short_name: w for w in workers("prod-gpu")}
+    for queue, w in gpu.items():
+        limits, requests = w.container["resources"]["limits"], w.container["resources"]["requests"]
+        pod, tuning = w.pod, w.settings.tuning(queue)
+        if queue not in GPU_QUEUES:
+            assert GPU_RESOURCE not in limits, w.name
+            assert "nodeSelector" not in pod, w.name
+            assert "tolerations" not in pod, w.name
+            assert (w.settings.whisper_device, w.settings.embedding_device) == ("auto", "auto")
+            continue
+        assert str(limits[GPU_RESOURCE]) == "1", w.name
+        assert GPU_RESOURCE not in requests, "an extended resource's request is its limit"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, w.name
+        assert {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in (
+            pod["tolerations"]), w.name
+        assert (tuning.prefetch, tuning.concurrency) == (1, 1), w.name
+        assert w.container["image"] == "registry.example.com/mlpipe-models-gpu:0.1.0", w.name
+        device = (w.settings.whisper_device if queue == "transcribe_local"
+                  else w.settings.embedding_device)
+        assert device == "cuda", w.name
+        # the queue's own setting only: the other model's device stays as it was
+        assert {k for k in w.env if k.endswith("_DEVICE")} == {
+            "MLPIPE_WHISPER_DEVICE" if queue == "transcribe_local" else "MLPIPE_EMBEDDING_DEVICE"}
+    assert set(gpu) >= GPU_QUEUES
+
+    # everything but those two Deployments renders exactly as in prod
+    def key(d: Doc) -> tuple[str, str]:
+        return d["kind"], d["metadata"]["name"]
+
+    gpu_names = {w.name for w in gpu.values() if w.queue.short_name in GPU_QUEUES}
+    prod = {key(d): d for d in render("overlays/prod")}
+    with_gpu = {key(d): d for d in render("overlays/prod-gpu")}
+    assert set(prod) == set(with_gpu)
+    changed = {k for k in prod if prod[k] != with_gpu[k]}
+    assert changed == {("Deployment", n) for n in gpu_names}
+    # and in those, only the pod's GPU placement, image, limits and environment
+    for k in changed:
+        before, after = copy.deepcopy(prod[k]), copy.deepcopy(with_gpu[k])
+        for doc in (before, after):
+            pod = doc["spec"]["template"]["spec"]
+            pod.pop("nodeSelector", None)
+            pod.pop("tolerations", None)
+            c = pod["containers"][0]
+            c.pop("image")
+            c["resources"]["limits"].pop(GPU_RESOURCE, None)
+            c["env"] = [e for e in c["env"]
+                        if not e["name"].endswith("_DEVICE")
+                        and not e["name"].startswith("MLPIPE_QUEUES__")]
+        assert before == after, k
+
+
+def test_gpu_component_is_a_component_with_the_planned_settings() -> None:
+    """The component's env names are Settings fields and its tuning parses (a typo would only
+    show in a pod otherwise); every overlay that uses it maps its image."""
+    component = yaml.safe_load((K8S / "components" / "gpu" / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    users = [p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml")
+             if "../../components/gpu" in yaml.safe_load(p.read_text()).get("components", [])]
+    assert users == ["prod-gpu"]
+    for overlay in users:
+        images = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+        assert "mlpipe-models-gpu" in {i["name"] for i in images.get("images", [])}, overlay
+        for w in workers(overlay):
+            assert w.container["image"].startswith("registry."), f"{w.name}: unmapped image"
 
 
 # --- RabbitMQ ------------------------------------------------------------------------------------
