@@ -271,3 +271,26 @@ def test_auto_constructs_without_importing_the_model_stacks(tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=60, check=True)
     assert json.loads(out.stdout) == []
+
+
+@no_gpu
+@no_cuda_provider
+@pytest.mark.parametrize("env", [{"whisper_device": "cuda"}, {"embedding_device": "cuda"}])
+async def test_a_daemon_told_cuda_on_this_machine_stops_before_the_broker(
+        env: dict[str, str], model_dir: str, tmp_path: Path) -> None:
+    """The shipped handlers, as ``mlpipe consume`` loads them: ``Daemon.start`` enters the
+    resources first, so the refusal comes before any connection (the broker URL here leads
+    nowhere) and before a delivery could be taken; ``mlpipe`` prints a ValueError as one line
+    and exits 2."""
+    from mlpipe.broker.topology import QUEUES_BY_NAME
+    from mlpipe.cli import DEFAULT_HANDLERS, load_registry
+    from mlpipe.worker.daemon import Daemon
+
+    settings = Settings(broker_url="amqp://guest:guest@127.0.0.1:9/", http_port=-1,
+                        whisper_model_dir=fake_model_dir(tmp_path),
+                        embedding_model_dir=model_dir, **dict[str, Any](env))
+    registry = load_registry(DEFAULT_HANDLERS, settings)
+    queue = "transcribe_local" if "whisper_device" in env else "embed_local"
+    daemon = Daemon(settings, registry, [QUEUES_BY_NAME[queue]])
+    with pytest.raises(ValueError, match="=cuda but"):
+        await daemon.start(timeout=5)
