@@ -10,6 +10,7 @@ executor (queues to consume, what to do on a dead letter, gauges to read at scra
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,7 +20,6 @@ from mlpipe.errors import HandlerTimeout
 from mlpipe.handlers import HandlerResult, HandlerSpec, TaskContext
 from mlpipe.settings import Settings
 from mlpipe.worker.outcome import DeliveryProcessor, Skip
-from mlpipe.worker.timeouts import limit
 
 if TYPE_CHECKING:
     from mlpipe.observability.metrics import Metrics
@@ -64,7 +64,7 @@ async def run_handler(task: Task, spec: HandlerSpec, ctx: TaskContext,
     """Run the handler under its time limit; a run past it is a transient ``HandlerTimeout``."""
     seconds = spec.timeout_s or default_timeout_s
     try:
-        with limit(seconds):  # asyncio.timeout, on a timer shared by the loop's runs
+        async with asyncio.timeout(seconds):
             result = await spec.func(task, ctx)
     except TimeoutError:
         raise HandlerTimeout(f"{task.task_type.value} ran longer than {seconds}s") from None
