@@ -40,7 +40,34 @@ Usage::
 
     python -m bench.micro_ab                       # 7 rounds x 4,000 messages, CPU µs/msg
     python -m bench.micro_ab --rounds 9 --n 6000 --variants current,plain_logs
-    python -m bench.micro_ab --callgrind           # instructions/msg, 500 and 2,500 messages
+    python -m bench.micro_ab --callgrind           # instructions/msg, 200 and 1,200 messages
+    python -m bench.micro_ab --components          # each optimised step alone, µs per call
+
+``--components`` times what each of ``plain_timeout`` and ``plain_logs`` changes, alone and
+in one process (no broker): ``run_handler`` on a no-op handler on uvloop, and the
+``task.done`` line with the seven fields the daemon binds, rendered into /dev/null; blocks of
+calls alternate between the two versions, and the figure is the median CPU time per call.
+Instruction counts weigh instructions alike, which favours neither version only when both
+run the same kind of code: ``json.dumps`` scans strings in tight, cheap loops, so the log
+renderer's share is worth timing too.
+
+Results that decided issue 16 (2-core shared machine, load average 3-14; CPU µs/msg medians
+of interleaved rounds of 4,000 messages, plain vs current; instructions per message as
+``(I(1200) - I(200)) / 1000``, two runs; the gain is plain / current - 1):
+
+================  ==============================  ====================  ==================
+optimisation      CPU µs/msg (3 runs; paired       instructions/msg      alone (--components)
+                  median over all rounds)
+================  ==============================  ====================  ==================
+timeouts.limit    +15.9 %, +8.1 %, -5.1 %; +2.6 %  +2.8 %, +3.4 %        2.9 µs/msg
+Delivery          +19.7 %, +55.1 %; +43.8 %        +33.3 %, +33.6 %      -
+log renderer      -1.0 %, -1.7 %, -1.2 %; +1.7 %   +7.5 %, +7.7 %        4.0 µs/msg
+================  ==============================  ====================  ==================
+
+``Delivery`` stayed; the shared timer and the log renderer went (commits 904cedd, cf56e2f).
+Instructions count user space only: a message's CPU time also holds the kernel's socket and
+epoll work and memory stalls, so the log line (cheap, tight loops) weighs 11 % of the
+instructions but 3-5 % of the time; the row is throughput per CPU time.
 
 It needs RabbitMQ (``BENCH_BROKER_HOST``, default 127.0.0.1:5672, guest/guest) and
 ``rabbitmqctl``: it works in a throwaway vhost, deleted afterwards.
@@ -308,6 +335,116 @@ def callgrind_ab(url: str, variants: Sequence[str], counts: tuple[int, int],
     _summary(per, "instructions/msg")
 
 
+# --- the changed steps alone -----------------------------------------------------------------
+
+
+def _alternate(name: str, a: Callable[[], float], b: Callable[[], float], rounds: int) -> None:
+    """``a`` and ``b`` return CPU µs per call of one block; run them alternately."""
+    sa: list[float] = []
+    sb: list[float] = []
+    for r in range(rounds):
+        first, second = (a, b) if r % 2 == 0 else (b, a)
+        x, y = first(), second()
+        if first is a:
+            sa.append(x)
+            sb.append(y)
+        else:
+            sa.append(y)
+            sb.append(x)
+    ma, mb = statistics.median(sa), statistics.median(sb)
+    print(f"{name}: current {ma:.2f} µs/call [{min(sa):.2f}..{max(sa):.2f}], plain "
+          f"{mb:.2f} µs/call [{min(sb):.2f}..{max(sb):.2f}]; plain - current = "
+          f"{mb - ma:+.2f} µs per message", flush=True)
+
+
+def _block(calls: int, fn: Callable[[], None]) -> float:
+    t0 = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - t0) / calls * 1e6
+
+
+def components(rounds: int = 21, calls: int = 20_000) -> None:
+    import logging
+
+    import structlog
+    import uvloop
+
+    import mlpipe.execution as execution
+    import mlpipe.logs
+
+    # the log line: two loggers built from each configuration's processors and sink
+    sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    # the renderer of 805cf70..cf56e2f, when the product still has it (getattr: it is gone)
+    prepare, renderer = (getattr(mlpipe.logs, "Prepare", None),
+                         getattr(mlpipe.logs, "JsonRenderer", None))
+    if prepare is not None and renderer is not None:
+        current = structlog.wrap_logger(
+            structlog.BytesLogger(open(os.devnull, "wb")),  # noqa: SIM115
+            processors=[prepare(exceptions=True), renderer(as_bytes=True)],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    else:
+        current = None
+    plain = structlog.wrap_logger(
+        structlog.PrintLogger(sink),
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    structlog.contextvars.bind_contextvars(
+        queue="ml.embed", message_id="0f3a9c2e6b1d4e8f", share_id="bench-00001234",
+        task_type="embed_vectors", attempt=1, correlation_id=None, traceparent=None)
+    if current is not None:
+        line_c, line_p = current, plain
+        _alternate("task.done line", lambda: _block(calls, lambda: line_c.info(
+            "task.done", skipped=False)), lambda: _block(calls, lambda: line_p.info(
+            "task.done", skipped=False)), rounds)
+    else:
+        print("task.done line: logs has structlog's chain already; nothing to compare")
+
+    # the handler time limit, on uvloop as in the daemon
+    from mlpipe.contract.models import TaskType, build_task
+    from mlpipe.handlers import HandlerResult, HandlerSpec
+
+    limited = execution.run_handler
+    if not hasattr(execution, "limit"):
+        print("run_handler: no limit() any more; nothing to compare")
+        return
+    _patch_timeout()
+    unlimited = execution.run_handler
+    ok = HandlerResult({})
+
+    async def handle(task: Any, ctx: Any) -> HandlerResult:
+        return ok
+
+    task = build_task(TaskType.EMBED_VECTORS, "s-1", {"content": {"text": "t"}})
+    spec = HandlerSpec(TaskType.EMBED_VECTORS, handle)
+
+    async def timed(fn: Any) -> float:
+        t0 = time.process_time()
+        for _ in range(calls):
+            await fn(task, spec, None, 900.0)
+        return (time.process_time() - t0) / calls * 1e6
+
+    async def both() -> None:
+        ta: list[float] = []
+        tb: list[float] = []
+        for r in range(rounds):
+            if r % 2 == 0:
+                ta.append(await timed(limited))
+                tb.append(await timed(unlimited))
+            else:
+                tb.append(await timed(unlimited))
+                ta.append(await timed(limited))
+        ma, mb = statistics.median(ta), statistics.median(tb)
+        print(f"run_handler: current {ma:.2f} µs/call [{min(ta):.2f}..{max(ta):.2f}], plain "
+              f"{mb:.2f} µs/call [{min(tb):.2f}..{max(tb):.2f}]; plain - current = "
+              f"{mb - ma:+.2f} µs per message", flush=True)
+
+    uvloop.run(both())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro_ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4000, help="messages per run (CPU mode)")
     parser.add_argument("--callgrind", action="store_true",
                         help="instruction counts under valgrind instead of CPU time")
-    parser.add_argument("--counts", default="500,2500",
+    parser.add_argument("--components", action="store_true",
+                        help="time the changed steps alone (no broker)")
+    parser.add_argument("--counts", default="200,1200",
                         help="the two message counts of --callgrind")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -329,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if args.components:
+        components()
+        return 0
     from bench import broker
 
     run: Callable[[str], None]
