@@ -1,5 +1,5 @@
 """A handler past its time limit is cancelled at the limit and retried; one within it is not
-(the limits share the daemon loop's timer, ``mlpipe.worker.timeouts``)."""
+(the limits are ``asyncio.timeout`` in ``mlpipe.execution.run_handler``)."""
 
 from __future__ import annotations
 
