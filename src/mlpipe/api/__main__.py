@@ -26,19 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_openapi(path: Path, *, check: bool) -> int:
     from mlpipe.api.app import contract
     from mlpipe.api.docs import render
+    from mlpipe.contract.files import write_or_check
 
-    text = render(contract())
-    if check:
-        current = path.read_text(encoding="utf-8") if path.is_file() else ""
-        if current != text:
-            print(f"{path} is out of date: run `mlpipe contract openapi {path}`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(path)
-    return 0
+    return write_or_check(path, render(contract()), check=check,
+                          regenerate="mlpipe contract openapi")
 
 
 if __name__ == "__main__":

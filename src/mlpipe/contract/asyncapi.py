@@ -16,7 +16,6 @@ arguments (quorum queues, delivery limit, dead-lettering).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from mlpipe.broker.topology import (
     routing_key,
 )
 from mlpipe.contract import events
+from mlpipe.contract.files import write_or_check
 from mlpipe.contract.models import CONTRACT_VERSION, TaskType
 
 from .asyncapi_parts import (
@@ -276,18 +276,8 @@ def render(doc: dict[str, Any]) -> str:
 def write(path: Path, *, check: bool) -> int:
     """Write the document to ``path``; with ``check``, write nothing and return 1 when the
     file differs from what the code generates (CI's drift check)."""
-    text = render(document())
-    if check:
-        current = path.read_text(encoding="utf-8") if path.is_file() else ""
-        if current != text:
-            print(f"{path} is out of date: run `mlpipe contract asyncapi {path}`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    print(path)
-    return 0
+    return write_or_check(path, render(document()), check=check,
+                          regenerate="mlpipe contract asyncapi")
 
 
 # --- pieces --------------------------------------------------------------------------------------
