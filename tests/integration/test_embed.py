@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -188,6 +189,17 @@ async def test_search_returns_the_right_document_first(settings: Settings, pool:
     assert await pool.fetchval("SELECT count(*) FROM ml_costs") == 0  # local is free
 
 
+#: A log line of structlog's console renderer: an unconfigured structlog in the test process
+#: prints the local model's load line to stdout (the CLI itself sends logs to stderr).
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+def command_output(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the command printed, without the log lines."""
+    return "\n".join(line for line in capsys.readouterr().out.splitlines()
+                     if not LOG_LINE.match(line))
+
+
 async def test_search_cli(settings: Settings, model_dir: str,
                           capsys: pytest.CaptureFixture[str]) -> None:
     await run_tasks(settings, "embed_local", [
@@ -197,19 +209,19 @@ async def test_search_cli(settings: Settings, model_dir: str,
     args = parser.parse_args(["how to make bread with a wild yeast starter", "--limit", "2",
                               "--json", "--backend", "local"])
     assert await run_search(args, settings) == 0
-    hits = json.loads(capsys.readouterr().out)
+    hits = json.loads(command_output(capsys))
     assert hits[0]["share_id"] == "sourdough"
     assert len(hits) == 2
     assert await run_search(parser.parse_args(["--share", "rockets", "--backend", "local"]),
                             settings) == 0
-    out = capsys.readouterr().out
+    out = command_output(capsys)
     assert out.splitlines()[0].split()[1].startswith("station#")
     assert await run_search(parser.parse_args(["--backend", "local"]), settings) == 2
     # time bounds: everything was embedded just now
     for bound, found in ((["--until", "2000-01-01"], False), (["--since", "2000-01-01"], True)):
         assert await run_search(parser.parse_args(["bread", "--json", "--backend", "local",
                                                    *bound]), settings) == 0
-        hits = json.loads(capsys.readouterr().out)
+        hits = json.loads(command_output(capsys))
         assert bool(hits) is found, bound
     assert dt.datetime.fromisoformat(hits[0]["indexed_at"]) > dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     assert await run_search(parser.parse_args(["--share", "nope", "--backend", "local"]),
