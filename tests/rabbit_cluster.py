@@ -62,6 +62,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -192,8 +193,26 @@ class RabbitCluster:
                 raise ClusterError(f"{node} is already running")
             self._boot(self._node(node))
         else:
-            _parallel([functools.partial(self._boot, n) for n in self._nodes])
+            _parallel([functools.partial(self._first_boot, n) for n in self._nodes])
         self.wait_healthy()
+
+    def _first_boot(self, node: _Node) -> None:
+        """A node's first boot, tried twice: a boot that fails (a port taken between choosing
+        and binding it, a join that lost a race with its sibling) says nothing about what the
+        tests prove, which starts once the cluster is whole. The first failure, with the
+        node's log, goes to stderr so that it is never hidden."""
+        try:
+            self._boot(node)
+        except ClusterError as exc:
+            print(f"RabbitCluster: first boot of {node.name} failed, booting it again: {exc}",
+                  file=sys.stderr)
+            for pid in _beam_pids({node.name}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _until(lambda: not any(_alive(p) for p in _beam_pids({node.name})),
+                   self.timeout_s, f"{node.name}'s failed boot to end")
+            shutil.rmtree(node.dir / "mnesia", ignore_errors=True)
+            self._boot(node)
 
     def _boot(self, node: _Node) -> None:
         cmd = ["env", *(f"{k}={v}" for k, v in node.env().items()), SERVER, "-detached"]
@@ -204,7 +223,11 @@ class RabbitCluster:
         subprocess.run(cmd, check=True, capture_output=True, cwd="/tmp", timeout=60)
         # ``wait`` waits for the pid file, then for the node's app: ``await_startup`` would
         # fail at once on a node that does not answer yet
-        self._ctl(node, "wait", str(node.pid_file), "--timeout", str(int(self.timeout_s)))
+        try:
+            self._ctl(node, "wait", str(node.pid_file), "--timeout", str(int(self.timeout_s)))
+        except ClusterError as exc:
+            tail = _log_tail(node)
+            raise ClusterError(f"{exc}\n--- {node.name}'s log ends with:\n{tail}") from None
 
     def kill(self, node: str) -> int:
         """SIGKILL the beam process of ``node`` (no shutdown, no goodbye to its peers) and
@@ -326,6 +349,17 @@ class RabbitCluster:
             raise ClusterError(f"rabbitmqctl -n {node.name} {' '.join(args)} exited "
                                f"{proc.returncode}: {(proc.stderr or proc.stdout).strip()[:500]}")
         return proc.stdout
+
+
+def _log_tail(node: _Node, lines: int = 40) -> str:
+    """The end of a node's own log files: why a boot failed is there, not in rabbitmqctl's
+    answer."""
+    tails = []
+    for log in sorted((node.dir / "log").glob("*.log")):
+        with contextlib.suppress(OSError):
+            tails.append(f"[{log.name}]\n" + "\n".join(log.read_text(errors="replace")
+                                                       .splitlines()[-lines:]))
+    return "\n".join(tails) or "(no log files)"
 
 
 def _strings(value: object) -> list[str]:

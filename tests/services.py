@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,10 +24,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+#: Below the kernel's ephemeral range when there is room (the Linux default starts at 32768).
+_LISTEN_RANGE = (20000, 32000) if _EPHEMERAL[0] > 32000 else (_EPHEMERAL[1] + 1, 65535)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a server this process is about to start, free now and never handed
+    out before by this process.
+
+    Not from the kernel's ephemeral range (what ``bind(0)`` returns): between this call and
+    the server's bind, any outgoing connection on the machine (the suite's own clients, or
+    the Erlang distribution links of a cluster booting in parallel) may take an ephemeral port
+    as its source port, and the server then fails to start with ``eaddrinuse``.
+    """
+    low, high = _LISTEN_RANGE
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _wait(what: str, check: object, up: bool, timeout: float = 60) -> None:
