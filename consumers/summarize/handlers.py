@@ -9,12 +9,12 @@ budget is reserved and the reservation matches the request that is then sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from mlpipe.backends import api_available, backend_for, make_client, prices
+from mlpipe.backends import LazyClient, backend_for, lazy_client, prices
 from mlpipe.contract.models import (
     Backend,
     SummarizeOptions,
@@ -37,7 +37,7 @@ from .tokens import Tokenizers
 DEFAULT_MAX_LENGTH = 256
 #: Resource names, as handlers find them in ``ctx.resources``.
 if TYPE_CHECKING:
-    import openai
+    pass
 
 CLIENT = "summarize.openai"
 TOKENIZERS = "summarize.tokenizers"
@@ -52,8 +52,8 @@ ToSource = Callable[[Any], Source]
 
 def register(registry: Registry, settings: Settings) -> None:
     tokenizers = Tokenizers()
-    registry.add_resource(TOKENIZERS, lambda: _tokenizers(tokenizers, settings))
-    registry.add_resource(CLIENT, lambda: _client(settings))
+    registry.add_resource(TOKENIZERS, lambda: _tokenizers(tokenizers))
+    registry.add_resource(CLIENT, lambda: lazy_client(settings))
     limits = {"timeout_s": settings.api_timeout_s + TIMEOUT_SLACK_S,
               "expected_runtime_s": EXPECTED_RUNTIME_S}
     article, video = _handler(settings, article_source), _handler(settings, video_source)
@@ -97,7 +97,8 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
 
             request = await asyncio.to_thread(remote.plan, source, model, max_tokens, tokenizer,
                                               price_list)
-            summary = await remote.summarize(ctx.resources[CLIENT], request, tokenizer, ctx.log)
+            client: LazyClient = ctx.resources[CLIENT]
+            summary = await remote.summarize(client.get(), request, tokenizer, ctx.log)
         ctx.log.info("summarize.done", backend=summary.backend, model=summary.model,
                      input_tokens=summary.input_tokens, output_tokens=summary.output_tokens,
                      truncated=summary.truncated)
@@ -107,13 +108,13 @@ def _handler(settings: Settings, to_source: ToSource) -> Handler:
 
 
 def _estimator(settings: Settings, tokenizers: Tokenizers,
-               to_source: ToSource) -> Callable[[Task], Decimal]:
-    """Runs on the event loop (the budget pre-flight is synchronous): the tokenizer is loaded
-    at daemon start when an API is configured, and ``remote.estimate`` makes one tokenizer
-    pass, about a tenth of a second even for a 2-million-character text."""
+               to_source: ToSource) -> Callable[[Task], Awaitable[Decimal]]:
+    """Off the event loop: the first paid task loads the vocabulary (about 60 MB, half a
+    second), so a worker that never summarises never holds it, and ``remote.estimate``'s
+    tokenizer pass (a tenth of a second for a 2-million-character text) runs in a thread."""
     price_list = prices(settings)
 
-    def estimate(task: Task) -> Decimal:
+    async def estimate(task: Task) -> Decimal:
         if backend_for(task, settings) is Backend.LOCAL:
             return Decimal(0)
         assert isinstance(task, SummarizeTask | SummarizeVideoCombinedTask)
@@ -122,26 +123,15 @@ def _estimator(settings: Settings, tokenizers: Tokenizers,
         model = api_model(settings, options)
         from . import remote
 
-        return remote.estimate(source, model, options.max_length or DEFAULT_MAX_LENGTH,
-                               tokenizers.for_model(model), price_list)
+        tokenizer = await tokenizers.for_model_async(model)
+        return await asyncio.to_thread(remote.estimate, source, model,
+                                       options.max_length or DEFAULT_MAX_LENGTH, tokenizer,
+                                       price_list)
 
     return estimate
 
 
 @asynccontextmanager
-async def _tokenizers(tokenizers: Tokenizers, settings: Settings) -> AsyncIterator[Tokenizers]:
-    """With an API configured (a key, or a self-hosted server's base URL) the synchronous
-    cost estimator will need the vocabulary: load it now, in a thread, rather than stall the
-    event loop on the first task."""
-    if api_available(settings, TaskType.SUMMARIZE_LLM):
-        await tokenizers.for_model_async(settings.summarize_api_model)
+async def _tokenizers(tokenizers: Tokenizers) -> AsyncIterator[Tokenizers]:
+    """Nothing is loaded here: a vocabulary loads on the first task that needs it."""
     yield tokenizers
-
-
-@asynccontextmanager
-async def _client(settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = make_client(settings)
-    try:
-        yield client
-    finally:
-        await client.close()

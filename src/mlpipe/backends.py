@@ -116,6 +116,37 @@ def make_client(settings: Settings) -> openai.AsyncOpenAI:
                               timeout=settings.api_timeout_s, max_retries=0)
 
 
+class LazyClient:
+    """One OpenAI-compatible client per daemon, made on its first call: importing the SDK
+    costs about 50 MB of resident memory, which a worker that has not called the API yet (or
+    never will: a key is set on every pod of a Deployment, whatever its queue) should not
+    hold."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: openai.AsyncOpenAI | None = None
+
+    def get(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            self._client = make_client(self._settings)
+        return self._client
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+@contextlib.asynccontextmanager
+async def lazy_client(settings: Settings) -> AsyncIterator[LazyClient]:
+    """A daemon resource: the client (and its connection pool) is closed after the drain."""
+    client = LazyClient(settings)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 @contextlib.asynccontextmanager
 async def api_errors(what: str) -> AsyncIterator[None]:
     """OpenAI SDK errors -> outcome types. Rate limits, timeouts, connection trouble and 5xx

@@ -16,6 +16,7 @@ exception counts as transient: a bug may be fixed by a redeploy before the retri
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -63,7 +64,17 @@ class Handler(Protocol):
 
 
 #: Estimate of the USD a task will cost, checked against the budget before the handler runs.
-CostEstimator = Callable[[Task], Decimal]
+#: A coroutine function is awaited: an estimator that needs a tokenizer vocabulary loads it
+#: on the first task (off the event loop) instead of at daemon start.
+CostEstimator = Callable[[Task], Decimal | Awaitable[Decimal]]
+
+
+async def estimate_of(estimator: CostEstimator, task: Task) -> Decimal:
+    """What ``estimator`` says ``task`` will cost, whether it answers now or later."""
+    value = estimator(task)
+    if inspect.isawaitable(value):
+        value = await value
+    return Decimal(value)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import asyncpg
 
 from mlpipe.contract.models import Task
 from mlpipe.errors import BudgetExceeded, Deferred
-from mlpipe.handlers import HandlerSpec
+from mlpipe.handlers import HandlerSpec, estimate_of
 from mlpipe.observability.metrics import Metrics
 from mlpipe.settings import Settings
 from mlpipe.store import costs
@@ -36,7 +36,7 @@ class BudgetGuard:
         Raises ``BudgetExceeded`` (or ``Deferred`` with ``budget_action=retry``)."""
         if spec.estimate_cost is None:
             return None
-        estimate = Decimal(spec.estimate_cost(task))
+        estimate = await estimate_of(spec.estimate_cost, task)
         if estimate <= 0:
             return None
         tt = task.task_type.value

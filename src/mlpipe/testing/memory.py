@@ -46,7 +46,14 @@ from mlpipe.contract.models import Task
 from mlpipe.effects.events import completed_event
 from mlpipe.errors import BudgetExceeded, Deferred
 from mlpipe.execution import Bindings, Runtime, run_handler
-from mlpipe.handlers import Cost, HandlerResult, HandlerSpec, Registry, TaskContext
+from mlpipe.handlers import (
+    Cost,
+    HandlerResult,
+    HandlerSpec,
+    Registry,
+    TaskContext,
+    estimate_of,
+)
 from mlpipe.settings import Settings
 from mlpipe.store.results import input_hash
 from mlpipe.worker.headers import H_DEFERRALS
@@ -152,7 +159,7 @@ class MemoryEffects:
             if stored is not None and stored.input_hash == digest \
                     and not task.payload.options.force_recompute:
                 return Skip("already_done")
-            reservation = self._reserve(task, spec)
+            reservation = await self._reserve(task, spec)
             try:
                 result = await run_handler(task, spec, ctx, self._settings.handler_timeout_s)
             finally:
@@ -166,12 +173,12 @@ class MemoryEffects:
         finally:
             del self.locks[(tt, share)]
 
-    def _reserve(self, task: Task, spec: HandlerSpec) -> int:
+    async def _reserve(self, task: Task, spec: HandlerSpec) -> int:
         """``BudgetGuard.reserve`` over the ledger: both ceilings must hold the estimate."""
         self._next_reservation += 1
         if spec.estimate_cost is None:
             return self._next_reservation
-        estimate = Decimal(spec.estimate_cost(task))
+        estimate = await estimate_of(spec.estimate_cost, task)
         if estimate <= 0:
             return self._next_reservation
         tt = task.task_type.value
