@@ -23,7 +23,11 @@ from mlpipe.broker.urls import BrokerUrl
 DEFAULT_QUEUE_TUNING: dict[str, dict[str, int]] = {
     "transcribe": {"prefetch": 2, "concurrency": 1},
     "summarize": {"prefetch": 16, "concurrency": 8},
-    "embed": {"prefetch": 64, "concurrency": 32},
+    # API embeddings wait on the network, not the CPU: with 32 in flight a worker idled at
+    # ~200 msg/s against a 50 ms API (make bench, embed_api); 128 fill the batcher's calls
+    # until the event loop's CPU is the limit (~360 msg/s). Calls to the API stay bounded
+    # by the batcher (consumers.embed.API_CONCURRENT_CALLS, 4), not by this.
+    "embed": {"prefetch": 256, "concurrency": 128},
     "transcribe_local": {"prefetch": 1, "concurrency": 1},
     "summarize_local": {"prefetch": 4, "concurrency": 2},
     "embed_local": {"prefetch": 64, "concurrency": 32},

@@ -1,7 +1,7 @@
 """Micro-batching across deliveries: many concurrent handler runs, one backend call.
 
 An embedding call costs about the same for one text as for dozens (a GPU/CPU forward pass, an
-HTTP round trip), while the embed queue delivers many small tasks at once (prefetch 64). So
+HTTP round trip), while the embed queue delivers many small tasks at once (prefetch 256). So
 each handler run hands its texts to the shared ``Batcher`` and awaits its own vectors; the
 batcher gathers requests per model until ``max_batch`` texts are waiting or the oldest has
 waited ``max_wait_s``, makes one call, and gives every caller its slice (and its share of the
