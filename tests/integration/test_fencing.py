@@ -96,7 +96,7 @@ async def stored_row(effects: Effects) -> asyncpg.Record:
     return row
 
 
-@pytest.mark.parametrize("paid", [False, True], ids=["one_statement", "transaction"])
+@pytest.mark.parametrize("paid", [False, True], ids=["free", "paid"])
 async def test_run_that_lost_its_lock_finishes_last_and_is_fenced(
         settings: Settings, listener: list[dict[str, Any]], logged: list[dict[str, Any]],
         paid: bool) -> None:
@@ -264,3 +264,50 @@ async def test_upsert_replaces_only_a_lower_fence(settings: Settings) -> None:
         await save(12, "c", costs=True)
         assert await stored() == ({"run": "c"}, 12)
         assert await pool.fetchval("SELECT count(*) FROM ml_costs") == 1
+
+
+async def test_batched_write_records_costs_and_settles_reservations_only_for_stored_results(
+        settings: Settings) -> None:
+    """``save_many_with_events`` writes what ``save`` writes in its transaction: a paid
+    result's cost entries and total, its reservation deleted; a result the fence refused
+    writes nothing (its reservation stays: that money was spent), whatever else is in the
+    same statement."""
+    async with Effects(settings) as effects:
+        pool = effects.pool
+        assert pool is not None
+        reserve = "INSERT INTO ml_cost_reservations (task_type, share_id, usd) " \
+                  "VALUES ('summarize_llm', $1, $2) RETURNING id"
+        paid_rid = await pool.fetchval(reserve, "paid", PRICE)
+        fenced_rid = await pool.fetchval(reserve, "fenced", PRICE)
+        await pool.execute(
+            "INSERT INTO ml_results (share_id, task_type, result_data, fence) "
+            "VALUES ('fenced', 'summarize_llm', '{}'::jsonb, 50)")
+        two = (Cost(100, "tokens", Decimal("0.0015"), "m"),
+               Cost(20.5, "tokens", Decimal("0.0005"), "m2"))
+
+        def item(share: str, fence: int, costs: tuple[Cost, ...],
+                 rid: int | None) -> results.EventedResult:
+            return results.EventedResult(
+                share, "summarize_llm", "h", {"share": share}, "m1", 1, fence, "x", "r",
+                f"event-{share}", {"share": share}, costs, f"corr-{share}", rid)
+
+        async with pool.acquire() as conn:
+            answers = await results.save_many_with_events(conn, [
+                item("paid", 7, two, paid_rid), item("fenced", 7, two, fenced_rid),
+                item("free", 7, (), None)])
+        assert [m.message_id for m in answers[0]] == ["event-paid"]  # type: ignore[union-attr]
+        assert isinstance(answers[1], FenceRefused)
+        assert answers[1].stored_fence == 50
+        assert [m.message_id for m in answers[2]] == ["event-free"]  # type: ignore[union-attr]
+        costs = [tuple(r) for r in await pool.fetch(
+            "SELECT share_id, model, units, unit_kind, usd, correlation_id FROM ml_costs "
+            "ORDER BY model")]
+        assert costs == [("paid", "m", Decimal("100.000"), "tokens", Decimal("0.001500"),
+                          "corr-paid"),
+                         ("paid", "m2", Decimal("20.500"), "tokens", Decimal("0.000500"),
+                          "corr-paid")]
+        totals = dict(await pool.fetch("SELECT share_id, cost_usd FROM ml_results"))
+        assert totals["paid"] == Decimal("0.002")
+        assert totals["free"] == 0
+        reserved = [r["id"] for r in await pool.fetch("SELECT id FROM ml_cost_reservations")]
+        assert reserved == [fenced_rid]

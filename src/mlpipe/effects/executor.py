@@ -313,15 +313,16 @@ class EffectsExecutor:
                     wait=wait_exponential(multiplier=0.2, max=5),
                     stop=stop_after_delay(self._settings.persist_retry_s), reraise=True):
                 with attempt:
-                    if self._relay is not None and reservation is None and not result.costs \
-                            and not watching:
-                        # the common case: one statement, no explicit transaction
+                    if self._relay is not None and not watching:
+                        # the common case (paid or not): one statement for the batch,
+                        # group-committed with concurrent deliveries' results
                         exchange, key, event_id, body = new_completed(
                             task, result, self._events_exchange, message_id)
                         pending = await self._saves.submit(results.EventedResult(
                             task.share_id, task.task_type.value, digest, result.data,
                             result.model_version, elapsed_ms, fence, exchange, key, event_id,
-                            body))
+                            body, tuple(result.costs), task.metadata.correlation_id,
+                            reservation))
                     else:
                         pending = await self._persist_in_transaction(
                             task, result, digest, elapsed_ms, reservation, message_id, fence,

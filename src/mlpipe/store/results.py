@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, NoReturn
 
 from mlpipe.contract.models import Task
 from mlpipe.errors import MlpipeError
-from mlpipe.handlers import HandlerResult
+from mlpipe.handlers import Cost, HandlerResult
 from mlpipe.store import outbox
 from mlpipe.store.pool import DB
 
@@ -141,8 +142,9 @@ async def _refused(conn: DB, task: Task, fence: int) -> NoReturn:
 
 @dataclass(frozen=True)
 class EventedResult:
-    """One delivery's part of ``save_many_with_events``: a result without cost entries or a
-    reservation, and its ``completed`` event."""
+    """One delivery's part of ``save_many_with_events``: a result, its ``completed`` event,
+    its cost entries and the budget reservation they replace (what ``save`` writes in its
+    transaction)."""
 
     share_id: str
     task_type: str
@@ -155,23 +157,29 @@ class EventedResult:
     routing_key: str
     message_id: str
     event: dict[str, Any]
+    costs: tuple[Cost, ...] = ()
+    correlation_id: str | None = None
+    reservation_id: int | None = None
 
 
-#: ``_UPSERT_WITH_EVENT`` for many results at once (arrays, one row per result): one round
-#: trip and one commit for a whole batch. Returns, tagged with their share and task type, the
-#: new event rows and every older row still unpublished for the same keys; a key whose result
-#: the fence refused returns nothing.
+#: ``save`` plus ``_UPSERT_WITH_EVENT`` for many results at once (arrays, one row per result;
+#: cost entries in arrays of their own, one row per entry): one round trip and one commit for
+#: a whole batch. A result the fence refused writes nothing: no cost entry, its reservation
+#: kept (it ages out), no event. Returns, tagged with their share and task type, the new event
+#: rows and every older row still unpublished for the same keys; a key whose result the fence
+#: refused returns nothing.
 _UPSERT_MANY_WITH_EVENTS = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[],
                          $6::int[], $7::bigint[], $8::text[], $9::text[], $10::text[],
-                         $11::jsonb[])
+                         $11::jsonb[], $12::numeric[], $13::bigint[])
         AS i(share_id, task_type, input_hash, result_data, model_version, processing_ms,
-             fence, exchange, routing_key, message_id, event)
+             fence, exchange, routing_key, message_id, event, cost_usd, reservation_id)
 ), result AS (
     INSERT INTO ml_results (share_id, task_type, input_hash, result_data, model_version,
                             processing_ms, cost_usd, fence)
-    SELECT share_id, task_type, input_hash, result_data, model_version, processing_ms, 0, fence
+    SELECT share_id, task_type, input_hash, result_data, model_version, processing_ms,
+           cost_usd, fence
     FROM input
     ON CONFLICT (share_id, task_type) DO UPDATE SET
         input_hash = EXCLUDED.input_hash, result_data = EXCLUDED.result_data,
@@ -179,6 +187,18 @@ WITH input AS (
         cost_usd = EXCLUDED.cost_usd, fence = EXCLUDED.fence, updated_at = now()
     WHERE ml_results.fence < EXCLUDED.fence
     RETURNING share_id, task_type
+), spent AS (
+    INSERT INTO ml_costs (task_type, model, units, unit_kind, usd, share_id, correlation_id)
+    SELECT c.task_type, c.model, c.units, c.unit_kind, c.usd, c.share_id, c.correlation_id
+    FROM unnest($14::text[], $15::text[], $16::text[], $17::numeric[], $18::text[],
+                $19::numeric[], $20::text[])
+        AS c(share_id, task_type, model, units, unit_kind, usd, correlation_id)
+    JOIN result r ON r.share_id = c.share_id AND r.task_type = c.task_type
+), settled AS (
+    DELETE FROM ml_cost_reservations
+    WHERE id IN (SELECT i.reservation_id FROM input i
+                 JOIN result r ON r.share_id = i.share_id AND r.task_type = i.task_type
+                 WHERE i.reservation_id IS NOT NULL)
 ), new AS (
     INSERT INTO ml_outbox (share_id, task_type, kind, exchange, routing_key, message_id, body,
                            headers)
@@ -198,14 +218,22 @@ UNION ALL SELECT * FROM new ORDER BY id
 
 async def save_many_with_events(conn: DB, items: list[EventedResult]
                                 ) -> list[list[outbox.OutboxMessage] | FenceRefused]:
-    """``save_with_event`` for a batch of results with distinct (share, task type): one
-    statement. Each item gets what the outbox holds for its key, or its ``FenceRefused``."""
+    """``save`` and ``save_with_event`` for a batch of results with distinct (share, task
+    type): one statement. Each item gets what the outbox holds for its key, or its
+    ``FenceRefused``."""
+    costs = [(i, c) for i in items for c in i.costs]
     rows = await conn.fetch(
         _UPSERT_MANY_WITH_EVENTS, [i.share_id for i in items], [i.task_type for i in items],
         [i.input_hash for i in items], [i.data for i in items],
         [i.model_version for i in items], [i.processing_ms for i in items],
         [i.fence for i in items], [i.exchange for i in items], [i.routing_key for i in items],
-        [i.message_id for i in items], [i.event for i in items])
+        [i.message_id for i in items], [i.event for i in items],
+        [sum((c.usd for c in i.costs), start=Decimal(0)) for i in items],
+        [i.reservation_id for i in items],
+        [i.share_id for i, _ in costs], [i.task_type for i, _ in costs],
+        [c.model for _, c in costs], [Decimal(str(c.units)) for _, c in costs],
+        [c.unit_kind for _, c in costs], [c.usd for _, c in costs],
+        [i.correlation_id for i, _ in costs])
     by_key: dict[tuple[str, str], list[outbox.OutboxMessage]] = {}
     for r in rows:
         row = dict(r)
