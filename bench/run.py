@@ -64,7 +64,7 @@ class Plan:
 
 FULL = Plan(rounds=5, noop_n=10_000, celery_n=5_000, full_n=4_000, celery_full_n=1_000,
             publish_serial_n=1_000, publish_in_flight_n=10_000, in_flight=256, latency_rate=500,
-            latency_s=6, latency_rounds=3, embed_n=400, embed_rounds=3, embed_api_n=300,
+            latency_s=6, latency_rounds=3, embed_n=400, embed_rounds=3, embed_api_n=600,
             memory_counts=(10_000, 20_000))
 QUICK = Plan(rounds=1, noop_n=2_000, celery_n=1_000, full_n=800, celery_full_n=300,
              publish_serial_n=300, publish_in_flight_n=2_000, in_flight=256, latency_rate=500,
