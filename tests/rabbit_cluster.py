@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tests.services import free_port
+from tests.services import ADVANCED_CONFIG, free_port
 
 T = TypeVar("T")
 
@@ -101,6 +101,7 @@ class _Node:
             "RABBITMQ_NODE_PORT": str(self.amqp_port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.dir / "log"),
@@ -148,6 +149,7 @@ class RabbitCluster:
                 )
             (node.dir / "rabbitmq.conf").write_text(conf)
             (node.dir / "enabled_plugins").write_text("[].\n")
+            shutil.copy(ADVANCED_CONFIG, node.dir / "advanced.config")  # as deploy/ runs
             self._nodes.append(node)
         self._by_name = {n.name: n for n in self._nodes}
 

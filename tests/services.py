@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The broker settings of deploy/ that rabbitmq.conf cannot carry; every test broker runs them.
+ADVANCED_CONFIG = ROOT / "deploy" / "rabbitmq" / "advanced.config"
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -239,6 +241,8 @@ class PrivateRabbit:
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
+        # what deploy/ runs: a dead-letter hop a node crash left unconfirmed comes back in 15 s
+        shutil.copy(ADVANCED_CONFIG, self.dir / "advanced.config")
 
     @property
     def url(self) -> str:
@@ -253,6 +257,7 @@ class PrivateRabbit:
         env = {"RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
                "RABBITMQ_DIST_PORT": str(free_port()),
                "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+               "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
                "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
                "RABBITMQ_LOG_BASE": str(self.dir / "log"),

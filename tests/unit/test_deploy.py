@@ -745,6 +745,17 @@ def test_rabbitmq_cluster_settings(overlay: str) -> None:
     plugins = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text()
     assert "rabbitmq_management" in plugins
     assert "rabbitmq_prometheus" in plugins
+    advanced = erlang_terms(rabbit["advancedConfig"])
+    assert advanced == erlang_terms((DEPLOY / "rabbitmq" / "advanced.config").read_text()), \
+        "the cluster and the compose broker must run the same advanced.config"
+    assert "{dead_letter_worker_publisher_confirm_timeout,15000}" in advanced, \
+        "a dead-letter hop a crash left unconfirmed must come back in seconds, not 180 s"
+
+
+def erlang_terms(text: str) -> str:
+    """An advanced.config without its comments and whitespace, to compare two copies."""
+    lines = (line.split("%", 1)[0] for line in text.splitlines())
+    return "".join("".join(lines).split())
 
 
 # --- Local stack: docker-compose.yml -------------------------------------------------------------
@@ -836,6 +847,7 @@ def test_compose_supporting_services() -> None:
     assert "management" in services["rabbitmq"]["image"]
     mounts = " ".join(services["rabbitmq"]["volumes"])
     assert "./deploy/rabbitmq/rabbitmq.conf:" in mounts
+    assert "./deploy/rabbitmq/advanced.config:/etc/rabbitmq/advanced.config" in mounts
     init = services["minio-init"]
     assert init["depends_on"]["minio"]["condition"] == "service_healthy"
     assert "mc mb" in " ".join(init["command"])
