@@ -272,6 +272,10 @@ class RabbitCluster:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def log_tails(self, lines: int = 40) -> str:
+        """The end of every node's own log, for a test's failure message."""
+        return "\n".join(f"--- {n.name}\n{_log_tail(n, lines)}" for n in self._nodes)
+
     # --- state ------------------------------------------------------------------------------
 
     def running_nodes(self, seen_by: str) -> set[str]:

@@ -123,8 +123,15 @@ async def _lose_node(cluster: RabbitCluster, node: str, queue: str, daemon: Daem
     # liveness bounds, generous for a loaded 2-core machine (a CI run saw a stall past 30 s)
     await wait_for(failed_over, timeout=60, message=f"every connection on a node but {node}")
     # the flow goes on: tasks confirmed after the kill are handled
-    await wait_for(lambda: len(stream.confirmed - confirmed_before) >= 30, timeout=90,
-                   message="30 publishes confirmed after the kill")
+    try:
+        await wait_for(lambda: len(stream.confirmed - confirmed_before) >= 30, timeout=90,
+                       message="30 publishes confirmed after the kill")
+    except TimeoutError as exc:  # two CI runs stalled here: keep what explains it
+        raise TimeoutError(f"{exc}\n{await asyncio.to_thread(_diagnosis, cluster, queue)}\n"
+                           f"confirmed after the kill: "
+                           f"{len(stream.confirmed - confirmed_before)}; last raised: "
+                           f"{stream.raised[-5:]}; clients: {_clients(daemon, producer)}"
+                           ) from None
     after = stream.confirmed - confirmed_before
     await wait_for(lambda: after <= set(handled), timeout=60,
                    message="tasks confirmed after the kill handled")
@@ -207,6 +214,26 @@ async def test_losing_the_leader_then_a_follower_loses_no_confirmed_task(
         await wait_for(drained, timeout=30, interval=0.5, message="work queue and DLQ empty")
     print(f"{len(stream.confirmed)} confirmed, {len(handled)} handler runs, "
           f"{len(stream.raised)} publishes raised and re-published; connections moved: {moved}")
+
+
+def _diagnosis(cluster: RabbitCluster, queue: str) -> str:
+    """What each running node says of the cluster and the queue, and its log's end."""
+    out = []
+    for node in cluster.nodes:
+        if not cluster.is_running(node):
+            out.append(f"{node}: not running")
+            continue
+        try:
+            out.append(f"{node} sees running {sorted(cluster.running_nodes(node))}")
+        except Exception as exc:  # a paused or stuck node is what this is looking for
+            out.append(f"{node}: cluster_status failed: {exc!r}"[:300])
+    try:
+        out.append(f"{queue}: leader {cluster.leader_of(queue, VHOST)}, online "
+                   f"{sorted(cluster.online_members_of(queue, VHOST))}")
+    except Exception as exc:
+        out.append(f"{queue}: {exc!r}"[:300])
+    out.append(cluster.log_tails(lines=25))
+    return "\n".join(out)
 
 
 async def _depths(cluster: RabbitCluster, names: list[str]) -> dict[str, int]:
