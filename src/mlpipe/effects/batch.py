@@ -38,11 +38,8 @@ class GroupCommit(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Sizes of the latest statements sent, for the bench and the tests (bounded: a
-        #: daemon sends millions); ``batches`` and ``items`` count them all.
+        #: Sizes of the latest statements sent, for the tests (bounded: a daemon sends millions).
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
-        self.batches = 0
-        self.items = 0
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -75,8 +72,6 @@ class GroupCommit(Generic[T, R]):
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self.batch_sizes.append(len(batch))
-        self.batches += 1
-        self.items += len(batch)
         try:
             answers = await self._flush([item for item, _ in batch])
             if len(answers) != len(batch):

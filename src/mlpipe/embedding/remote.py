@@ -17,7 +17,6 @@ from .backend import BatchOutput
 
 class ApiEmbedder:
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
         self.default_model = settings.embed_api_model
         # made on the first call: a daemon that never embeds via the API needs none
         self._client = LazyClient(settings)
