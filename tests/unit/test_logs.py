@@ -63,3 +63,78 @@ def test_every_line_is_json_with_bound_fields_in_order() -> None:
     assert "ZeroDivisionError" in crashed["exception"]
     assert after["queue"] == "ml.other"
     assert "share_id" not in after
+
+
+_IN_LOOP = r"""
+import asyncio, logging, os, sys
+import structlog
+from mlpipe.logs import configure
+
+configure(json=True, level="INFO")
+log = structlog.get_logger("mlpipe.test")
+
+async def main():
+    log.info("first")
+    logging.getLogger("aiormq.connection").warning("second")
+    log.info("third")
+    await asyncio.sleep(0)
+    log.info("fourth")
+    await asyncio.sleep(0)
+    # before the interpreter's own flush at exit: the pass above has written it
+    os.write(1, str(os.fstat(2).st_size).encode())
+    os._exit(0)
+
+asyncio.run(main())
+"""
+
+
+def test_lines_in_a_loop_keep_their_order_and_are_written_within_the_pass(tmp_path) -> None:
+    err = tmp_path / "stderr"
+    with err.open("wb") as sink:
+        out = subprocess.run([sys.executable, "-c", _IN_LOOP], stdout=subprocess.PIPE,
+                             stderr=sink, timeout=60)
+    data = err.read_bytes()
+    assert out.returncode == 0, data.decode(errors="replace")
+    assert [json.loads(line)["event"] for line in data.decode().splitlines()] == [
+        "first", "second", "third", "fourth"]
+    assert int(out.stdout) == len(data)  # written before os._exit, which flushes nothing
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.flushed: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.flushed.append(self.buffer)
+            self.buffer = b""
+
+
+def test_one_flush_per_loop_pass_errors_and_loopless_lines_at_once() -> None:
+    import asyncio
+
+    from mlpipe.logs import LoopFlushedLogger
+
+    sink = _Sink()
+    logger = LoopFlushedLogger(sink)
+    logger.info(b"no loop")
+    assert sink.flushed == [b"no loop\n"]
+
+    async def main() -> None:
+        for i in range(3):
+            logger.info(b"line %d" % i)
+        assert sink.flushed == [b"no loop\n"]  # not yet: the pass is not over
+        await asyncio.sleep(0)
+        assert sink.flushed[1:] == [b"line 0\nline 1\nline 2\n"]
+        logger.info(b"pending")
+        logger.error(b"boom")  # an error takes what is pending with it, at once
+        assert sink.flushed[2:] == [b"pending\nboom\n"]
+        await asyncio.sleep(0)
+        assert len(sink.flushed) == 3
+
+    asyncio.run(main())

@@ -7,8 +7,9 @@ also a span that continues the incoming trace.
 
 Without a configured provider the API's spans record nothing, yet starting one and attaching
 its context costs ~7 µs per delivery (``make bench``): ``task_span`` then does no span work at
-all. The provider is looked up per call until a real one appears (it can be set after import,
-and only once), then remembered.
+all. The provider is looked up until a real one appears (it can be set after import, and only
+once), then remembered; the lookup reads the API's global slot rather than calling
+``get_tracer_provider``, which consults ``os.environ`` on every call while none is set.
 """
 
 from __future__ import annotations
@@ -42,13 +43,20 @@ def enabled() -> bool:
     return _TRACER is not None
 
 
+#: ``get_tracer_provider`` has been called once (it loads ``OTEL_PYTHON_TRACER_PROVIDER``).
+_env_read = False
+
+
 def recording() -> bool:
     """A tracer provider that records spans is configured."""
-    global _provider_seen
+    global _provider_seen, _env_read
     if _provider_seen:
         return True
     if _TRACER is None:
         return False
+    if _env_read and getattr(_otel_trace, "_TRACER_PROVIDER", ...) is None:
+        return False  # still nothing set: the common case, without the environment lookup
+    _env_read = True
     _provider_seen = not isinstance(_otel_trace.get_tracer_provider(), _NON_RECORDING)
     return _provider_seen
 

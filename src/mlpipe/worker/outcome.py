@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from mlpipe.errors import Deferred, PermanentError, TransientError
 from mlpipe.settings import RetryPolicy
@@ -82,10 +82,11 @@ class Requeue:
 #: Every path of a delivery ends in exactly one of these; ``settle`` turns it into broker calls
 #: and the metrics count it under its ``label``.
 Outcome = Ack | Skip | Retry | DeadLetter | Requeue
+#: ``Ack`` has no fields: one instance serves every delivery.
+ACK = Ack()
 
 
-@dataclass(frozen=True)
-class Processed:
+class Processed(NamedTuple):
     """A delivery after processing: its outcome, the task type (``invalid`` for a message that
     is no task), the handler's result when it ran, and the decoded task when there is one
     (the dead-letter branch tells the workflows about it)."""
@@ -112,7 +113,7 @@ def backoff_delay(policy: RetryPolicy, retry_count: int) -> float:
 def decide(exc: BaseException | None, retry_count: int, policy: RetryPolicy, *,
            deferrals: int = 0, max_deferrals: int = 50) -> Outcome:
     if exc is None:
-        return Ack()
+        return ACK
     text = f"{exc}"[:MAX_ERROR_TEXT] or type(exc).__name__
     if isinstance(exc, PermanentError):
         return DeadLetter(exc.reason, type(exc).__name__, text)

@@ -20,11 +20,11 @@ from mlpipe.contract.models import Task
 from mlpipe.errors import ContractError
 from mlpipe.execution import Executor
 from mlpipe.handlers import Registry, TaskContext
-from mlpipe.observability.tracing import task_span
+from mlpipe.observability.tracing import recording, task_span
 from mlpipe.settings import Settings
 from mlpipe.worker.delivery import InboundMessage
 from mlpipe.worker.headers import deferrals_of, retry_count_of
-from mlpipe.worker.outcome import Ack, Processed, Skip, decide
+from mlpipe.worker.outcome import ACK, Processed, Skip, decide
 
 log = structlog.get_logger(__name__)
 
@@ -49,16 +49,10 @@ class Processor:
         """Every log line emitted while this runs (handler and libraries included) carries the
         delivery's queue, message id and correlation id, and once decoded its share id, task
         type, attempt and traceparent."""
-        # bind + reset rather than ``bound_contextvars``, which snapshots the whole context
-        # first: this runs once per delivery (see ``make bench``)
-        tokens = structlog.contextvars.bind_contextvars(
+        # Bound in the delivery's own task (``QueueConsumer`` runs each in one), whose context
+        # copy ends with it: no reset needed, and the settle step's lines carry them too.
+        structlog.contextvars.bind_contextvars(
             queue=queue, message_id=message.message_id, correlation_id=message.correlation_id)
-        try:
-            return await self._process(message, queue)
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
-
-    async def _process(self, message: InboundMessage, queue: str) -> Processed:
         retry_count = retry_count_of(message)
         task_type = "invalid"
         task: Task | None = None
@@ -82,9 +76,12 @@ class Processor:
             message_id = message.message_id or _celery_id(message)
             ctx = TaskContext(queue=queue, attempt=retry_count + 1,
                               message_id=message_id, log=log, resources=self._resources)
-            with task_span(f"mlpipe.{task_type}", task.metadata.traceparent,
-                           {"mlpipe.share_id": task.share_id, "mlpipe.queue": queue,
-                            "mlpipe.attempt": retry_count + 1}):
+            if recording():  # a span's name and attributes are built only when it records
+                with task_span(f"mlpipe.{task_type}", task.metadata.traceparent,
+                               {"mlpipe.share_id": task.share_id, "mlpipe.queue": queue,
+                                "mlpipe.attempt": retry_count + 1}):
+                    result = await self._executor.execute(task, spec, ctx)
+            else:
                 result = await self._executor.execute(task, spec, ctx)
         except asyncio.CancelledError:
             raise
@@ -99,4 +96,4 @@ class Processor:
             log.info("task.done", skipped=True, why=result.reason)
             return Processed(result, task_type, task=task)
         log.info("task.done", skipped=False)
-        return Processed(Ack(), task_type, result, task)
+        return Processed(ACK, task_type, result, task)
