@@ -28,7 +28,12 @@ consuming process, before the daemon is built):
 * ``plain_logs``: structlog's processors (``merge_contextvars``, ``add_log_level``,
   ``TimeStamper``, ``format_exc_info``) and ``JSONRenderer`` to a ``PrintLogger`` instead of
   ``logs.Prepare`` + the pydantic-core ``JsonRenderer`` to a ``BytesLogger``;
-* ``all_plain``: the three together.
+* ``plain_flush``: structlog's ``BytesLogger`` (a write and flush per line) instead of
+  ``logs.LoopFlushedLogger`` (one flush per event-loop pass);
+* ``all_plain``: the timer, delivery and renderer variants together (structlog's chain writes
+  a line at a time, so it has no flush per pass either);
+* ``before`` (with ``--before REF``): the product as it was at a git ref, from a temporary
+  worktree, unpatched (issue 16: "no slower on any row than before the change").
 
 A variant whose optimisation is already gone from the product is the same as ``current``
 (its patch is skipped, and said so).
@@ -89,11 +94,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-VARIANTS = ("current", "plain_timeout", "plain_delivery", "plain_logs", "all_plain")
+VARIANTS = ("current", "plain_timeout", "plain_delivery", "plain_logs", "plain_flush",
+            "all_plain")
+#: The product as it was at ``--before REF`` (a git worktree), unpatched.
+BEFORE = "before"
 
 #: What each optimisation's gain is read against: its plain variant vs ``current``.
 OPTIMISATIONS = {"timeouts.limit": "plain_timeout", "Delivery": "plain_delivery",
-                 "log renderer": "plain_logs", "all three": "all_plain"}
+                 "log renderer": "plain_logs", "flush per pass": "plain_flush",
+                 "all": "all_plain"}
 
 
 # --- the plain versions (what the product had before each optimisation) -----------------------
@@ -175,8 +184,11 @@ def _plain_configure(level: str = "INFO") -> None:
     root.setLevel(logging.getLevelName(level))
 
 
-def _configure_logging(plain: bool) -> str:
-    """JSON at INFO into /dev/null, as ``bench.run`` does."""
+def _configure_logging(plain: bool, flush_each: bool = False) -> str:
+    """JSON at INFO into /dev/null, as ``bench.run`` does. ``flush_each``: structlog's
+    ``BytesLogger`` (a write per line) instead of ``logs.LoopFlushedLogger``."""
+    import structlog
+
     import mlpipe.logs
 
     sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
@@ -190,6 +202,12 @@ def _configure_logging(plain: bool) -> str:
             _plain_configure()
         else:
             mlpipe.logs.configure(json=True, level="INFO")
+            if flush_each and hasattr(mlpipe.logs, "LoopFlushedLogger"):
+                structlog.configure(
+                    logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer))
+                note = "plain_flush: structlog's BytesLogger, a write per line"
+            elif flush_each:
+                note = "plain_flush: logs write a line at a time already; nothing to patch"
     return note
 
 
@@ -201,7 +219,8 @@ def apply(variant: str) -> list[str]:
         notes.append(_patch_timeout())
     if everything or variant == "plain_delivery":
         notes.append(_patch_delivery())
-    notes.append(_configure_logging(plain=everything or variant == "plain_logs"))
+    notes.append(_configure_logging(plain=everything or variant == "plain_logs",
+                                    flush_each=variant == "plain_flush"))
     return [n for n in notes if n]
 
 
@@ -236,9 +255,33 @@ async def _consume(url: str, n: int, timeout: float) -> dict[str, float]:
             "seconds": wall_end - handled.first}
 
 
-def consume_once(variant: str, url: str, n: int, timeout: float) -> None:
+def _use_tree(src: str) -> str:
+    """Import ``mlpipe`` from another checkout's ``src`` (the ``before`` variant). The bench's
+    own modules stay this checkout's; before issue 16 ``DirectExecutor`` lived in
+    ``mlpipe.worker.process``, so that module answers for ``mlpipe.execution`` there."""
+    sys.path.insert(0, src)
+    import importlib
+
+    import mlpipe
+
+    if not mlpipe.__file__ or not mlpipe.__file__.startswith(src):
+        raise RuntimeError(f"mlpipe imported from {mlpipe.__file__}, not from {src}")
+    try:
+        importlib.import_module("mlpipe.execution")
+    except ImportError:
+        sys.modules["mlpipe.execution"] = importlib.import_module("mlpipe.worker.process")
+    return f"before: mlpipe from {src}"
+
+
+def consume_once(variant: str, url: str, n: int, timeout: float,
+                 tree: str | None = None) -> None:
     """The child: apply ``variant``, consume ``n`` messages, print one JSON line."""
-    notes = apply(variant)
+    if variant == BEFORE:
+        if tree is None:
+            raise ValueError("the before variant needs --tree")
+        notes = [_use_tree(tree), *apply("current")]
+    else:
+        notes = apply(variant)
     import uvloop
 
     result = uvloop.run(_consume(url, n, timeout))
@@ -263,10 +306,16 @@ async def _drained_and_deleted(url: str, queue: str) -> None:
         raise RuntimeError(f"{queue}: {left} messages left after the run; acks were lost")
 
 
+#: The ``src`` folder of the ``--before`` worktree, once made.
+_TREE: dict[str, str] = {}
+
+
 def _child(variant: str, url: str, n: int, timeout: float,
            wrap: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     cmd = [*wrap, sys.executable, "-m", "bench.micro_ab", "--one", variant, "--url", url,
            "--n", str(n), "--timeout", str(timeout)]
+    if variant == BEFORE:
+        cmd += ["--tree", _TREE["src"]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 3 + 600)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -290,6 +339,9 @@ def _summary(samples: dict[str, list[float]], unit: str) -> None:
             print(f"{v:<16}{med[v]:>12.2f}{min(s):>12.2f}{max(s):>12.2f}")
     if "current" not in med:
         return
+    if BEFORE in med:
+        print(f"\ncurrent vs before: {med['current'] / med[BEFORE]:.3f}x the cost "
+              f"({med[BEFORE]:.2f} -> {med['current']:.2f} {unit}; below 1 is cheaper now)")
     print("\ngain of each optimisation (plain cost / current cost - 1, i.e. throughput at "
           "equal CPU; 5 % keeps it):")
     for name, plain in OPTIMISATIONS.items():
@@ -448,7 +500,9 @@ def components(rounds: int = 21, calls: int = 20_000) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro_ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, of {','.join(VARIANTS)} (and {BEFORE} with "
+                             "--before); default all")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=4000, help="messages per run (CPU mode)")
     parser.add_argument("--callgrind", action="store_true",
@@ -458,14 +512,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--counts", default="200,1200",
                         help="the two message counts of --callgrind")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--before", metavar="REF",
+                        help="also run the product as it was at this git ref (variant "
+                             "'before', from a temporary worktree); default variants then "
+                             "current,before")
+    parser.add_argument("--one", choices=(*VARIANTS, BEFORE), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        consume_once(args.one, args.url, args.n, args.timeout)
+        consume_once(args.one, args.url, args.n, args.timeout, args.tree)
         return 0
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    default = f"current,{BEFORE}" if args.before else ",".join(VARIANTS)
+    variants = [v.strip() for v in (args.variants or default).split(",") if v.strip()]
+    unknown = [v for v in variants if v not in (*VARIANTS, BEFORE)]
+    if BEFORE in variants and not args.before:
+        parser.error("the before variant needs --before REF")
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if args.components:
@@ -481,9 +543,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         def run(url: str) -> None:
             cpu_ab(url, variants, args.rounds, args.n, args.timeout)
-    with broker.vhost("micro-ab") as url:
+    with contextlib.ExitStack() as stack:
+        if args.before:
+            _TREE["src"] = os.path.join(stack.enter_context(_worktree(args.before)), "src")
+        url = stack.enter_context(broker.vhost("micro-ab"))
         run(url)
     return 0
+
+
+@contextlib.contextmanager
+def _worktree(ref: str) -> Any:
+    """A detached git worktree of ``ref`` in a temporary folder, removed afterwards."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tempfile.mkdtemp(prefix="micro_ab_before.")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "--force", path, ref],
+                   check=True, capture_output=True, text=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path],
+                       capture_output=True, text=True)
 
 
 if __name__ == "__main__":
