@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -71,6 +72,38 @@ async def test_stored_result_short_circuits_and_force_recomputes(
     [row] = await rows(effects, "SELECT result_data, model_version FROM ml_results")
     assert row["result_data"] == {"summary": "run 3"}
     assert row["model_version"] == "m1"
+
+
+async def test_a_burst_of_double_fires_is_checked_together_each_on_its_own_input(
+        settings: Settings, effects: Effects) -> None:
+    """Concurrent deliveries' stored-result checks share a statement; each still compares
+    its own input: a duplicate of a stored result is skipped, a new input for a stored share
+    runs again."""
+    runs: list[str] = []
+    registry = Registry()
+
+    @registry.handler(TaskType.SUMMARIZE_LLM)
+    async def handle(task: Task, ctx: TaskContext) -> HandlerResult:
+        runs.append(task.share_id)
+        return HandlerResult({"summary": task.payload.content.text[:20]})
+
+    async with running_daemon(settings, registry, "summarize",
+                              executor=effects.executor) as daemon, Producer(settings) as p:
+        await asyncio.gather(*(p.publish(summarize(f"b{i}")) for i in range(30)))
+        await wait_for(lambda: daemon.status().tasks_done == 30, timeout=30)
+        assert sorted(runs) == sorted(f"b{i}" for i in range(30))
+        edited = "Edited content, different from before. " * 3
+        await asyncio.gather(*(p.publish(summarize(f"b{i}", text=edited)) for i in range(10)),
+                             *(p.publish(summarize(f"b{i}")) for i in range(10, 30)))
+        await wait_for(lambda: daemon.status().tasks_done == 60, timeout=30)
+    assert sorted(runs[30:]) == sorted(f"b{i}" for i in range(10))
+    checks = effects.executor._checks.batch_sizes
+    assert sum(checks) == 60, list(checks)
+    assert max(checks) > 1, list(checks)
+    stored = {r["share_id"]: r["result_data"]["summary"]
+              for r in await rows(effects, "SELECT share_id, result_data FROM ml_results")}
+    assert stored == {f"b{i}": (edited if i < 10 else "An article long enough to summarise. ")[:20]
+                      for i in range(30)}
 
 
 async def test_budget_refuses_the_third_paid_task(broker_url: str, pg_dsn: str, pg_schema: str,

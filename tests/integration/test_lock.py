@@ -303,6 +303,31 @@ async def test_one_of_fifty_concurrent_acquirers_wins(raw: aioredis.Redis,
     assert await winners[0].release()
 
 
+async def test_concurrent_calls_share_a_pipeline_each_with_its_own_reply(
+        locks: LockManager) -> None:
+    """Acquires and releases of concurrent deliveries go to Redis together; each still gets
+    its own answer: one lease per share however many ask, each with its own fencing token."""
+    shares = [f"p{i}" for i in range(20)]
+    leases = await asyncio.gather(*(locks.acquire("t", s, ttl_s=5) for s in shares * 3))
+    won = [lease for lease in leases if lease is not None]
+    assert sorted(lease.key.rsplit(":", 1)[1] for lease in won) == sorted(shares)
+    assert len({lease.fence for lease in won}) == len(won)
+    assert max(locks._calls.batch_sizes) > 1  # they did travel together
+    assert all(await asyncio.gather(*(lease.release() for lease in won)))
+    assert all([await _free(locks, s) for s in shares])
+
+
+async def test_scripts_redis_forgot_are_loaded_again(locks: LockManager,
+                                                     raw: aioredis.Redis) -> None:
+    """A Redis restart (or ``SCRIPT FLUSH``) forgets the scripts: the pipeline loads them
+    again and the calls succeed, together or alone."""
+    await raw.script_flush()
+    leases = await asyncio.gather(*(locks.acquire("t", f"f{i}", ttl_s=5) for i in range(5)))
+    assert all(lease is not None for lease in leases)
+    await raw.script_flush()
+    assert all(await asyncio.gather(*(lease.release() for lease in leases if lease)))
+
+
 # --- 6. release on failure and cancellation ----------------------------------------------------
 
 

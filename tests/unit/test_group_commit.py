@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from mlpipe.effects.batch import GroupCommit
+from mlpipe.batching import GroupCommit
 
 
 async def turns(n: int = 5) -> None:

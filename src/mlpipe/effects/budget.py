@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from mlpipe.batching import GroupCommit
 from mlpipe.contract.models import Task
 from mlpipe.errors import BudgetExceeded, Deferred
 from mlpipe.handlers import HandlerSpec, estimate_of
@@ -14,8 +15,6 @@ from mlpipe.observability.metrics import Metrics
 from mlpipe.settings import Settings
 from mlpipe.store import costs
 from mlpipe.store.pool import unavailable_is_transient
-
-from .batch import GroupCommit
 
 
 class BudgetGuard:

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from mlpipe.batching import GroupCommit
 from mlpipe.broker.messages import event_message
 from mlpipe.contract import events
 from mlpipe.contract.models import Task
@@ -22,8 +23,6 @@ from mlpipe.handlers import HandlerResult
 from mlpipe.producer import Producer
 from mlpipe.store import outbox
 from mlpipe.store.pool import DB
-
-from .batch import GroupCommit
 
 
 def completed_event(task: Task, result: HandlerResult, message_id: str | None) -> dict[str, Any]:

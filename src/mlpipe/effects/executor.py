@@ -43,6 +43,7 @@ import asyncpg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from mlpipe.batching import GroupCommit
 from mlpipe.contract.models import Task
 from mlpipe.errors import Deferred, PublishError, TransientError
 from mlpipe.execution import Bindings, Runtime, run_handler
@@ -54,7 +55,6 @@ from mlpipe.store.pool import UNAVAILABLE, unavailable_is_transient
 from mlpipe.store.results import FenceRefused
 from mlpipe.worker.outcome import DeliveryProcessor, Skip
 
-from .batch import GroupCommit
 from .budget import BudgetGuard
 from .events import OutboxRelay, add_completed, new_completed
 from .hooks import ControlHandler, ControlProcessor, Workflow, WorkflowEnv
@@ -65,8 +65,10 @@ log = structlog.get_logger(__name__)
 #: Lock TTL as a multiple of the handler's expected runtime (renewed while it runs).
 LOCK_TTL_FACTOR = 1.5
 #: Most results (with their events) one statement stores: concurrent deliveries' writes are
-#: committed together (``batch.GroupCommit``), each delivery still acked after its own.
+#: committed together (``mlpipe.batching.GroupCommit``), each delivery still acked after its own.
 SAVE_BATCH = 64
+#: Most stored-result checks one statement answers.
+CHECK_BATCH = 128
 #: Longest wait before a deferred delivery looks at the lock again.
 MAX_DEFER_S = 30.0
 #: Failures of the persisting transaction that are retried in-process: the database being
@@ -92,6 +94,9 @@ class EffectsExecutor:
         self._saves: GroupCommit[results.EventedResult, list[outbox.OutboxMessage]] = \
             GroupCommit(self._save_batch, max_items=SAVE_BATCH, concurrency=2,
                         key=lambda r: (r.share_id, r.task_type))
+        #: Stored-result checks of concurrent deliveries, one statement at a time.
+        self._checks: GroupCommit[tuple[str, str], str | None] = \
+            GroupCommit(self._check_batch, max_items=CHECK_BATCH, concurrency=2)
 
     def bind(self, runtime: Runtime) -> Bindings:
         """Called once by the daemon: result events and follow-up tasks leave through its
@@ -228,8 +233,8 @@ class EffectsExecutor:
                         return reason
         if not task.payload.options.force_recompute:
             async with unavailable_is_transient("stored-result check"):
-                stored = await results.get(self._pool, task.share_id, task.task_type.value)
-            if stored is not None and stored.input_hash == digest:
+                stored = await self._checks.submit((task.share_id, task.task_type.value))
+            if stored == digest:
                 ctx.log.info("task.already_done")
                 await self._flush(task)  # events a crash kept from going out
                 return "already_done"
@@ -342,6 +347,10 @@ class EffectsExecutor:
                 tuple(result.costs), task.metadata.correlation_id, reservation))
         return await self._persist_in_transaction(task, result, digest, elapsed_ms,
                                                   reservation, message_id, fence, watching)
+
+    async def _check_batch(self, keys: list[tuple[str, str]]) -> list[str | None]:
+        found = await results.stored_input_hashes(self._pool, keys)
+        return [found.get(k) for k in keys]
 
     async def _save_batch(self, items: list[results.EventedResult]
                           ) -> list[list[outbox.OutboxMessage] | FenceRefused]:

@@ -30,6 +30,11 @@ replicas run (one replica's start-up would free another's live lock), so instead
 * where the holder awaits, ``Lease.cancel_on_loss`` stops the guarded block as soon as the
   loss is noticed, instead of letting it spend more money on work that is no longer its own.
 
+Acquires and releases of concurrent deliveries travel together: while one pipeline of them is
+in flight the next calls gather, and go as one pipeline (``mlpipe.batching.GroupCommit``, no
+timer: a lone call goes at once). Each call keeps its own reply or error; the scripts make
+every call atomic on its own, so sharing a round trip changes nothing of the semantics above.
+
 The caller chooses the TTL (the task type's expected runtime x 1.5): long enough that a few
 missed renewals do not drop a live lock, short enough that a crashed worker's lock frees soon.
 The token ends in the caller's tag (mlpipe uses the input hash) so a contender can tell a
@@ -45,12 +50,14 @@ import socket
 import uuid
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.commands.core import AsyncScript
 
+from mlpipe.batching import GroupCommit
 from mlpipe.errors import Deferred, TransientError
 
 log = structlog.get_logger(__name__)
@@ -83,6 +90,10 @@ _UNAVAILABLE = (redis.exceptions.RedisError, OSError)
 #: Upper bound on waiting for a release: past it the TTL is the cheaper way to free the lock,
 #: and a hung Redis must not eat the shutdown grace period.
 _RELEASE_TIMEOUT_S = 5.0
+#: Most lock calls one pipeline carries.
+PIPELINE_MAX = 128
+#: One script call: the script, its keys, its arguments.
+_Call = tuple[AsyncScript, tuple[str, ...], tuple[Any, ...]]
 
 
 class LockLost(Deferred):
@@ -94,8 +105,9 @@ class LockLost(Deferred):
 
 
 class LockManager:
-    """Hands out leases on task locks. Holds only the client and the three scripts, registered
-    once here so each call is an ``EVALSHA`` (redis-py reloads them after a Redis restart)."""
+    """Hands out leases on task locks. Holds the client and the three scripts, registered
+    once here so each call is an ``EVALSHA`` (loaded again after a Redis restart), and the
+    pipeline that concurrent acquires and releases share."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "mlpipe:") -> None:
         self._redis = client
@@ -104,6 +116,35 @@ class LockManager:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+        self._calls: GroupCommit[_Call, Any] = GroupCommit(self._pipeline,
+                                                            max_items=PIPELINE_MAX,
+                                                            concurrency=2)
+
+    async def _call(self, script: AsyncScript, keys: tuple[str, ...],
+                    args: tuple[Any, ...]) -> Any:
+        """Run ``script`` in the next shared pipeline; its own reply, or its own error."""
+        return await self._calls.submit((script, keys, args))
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        """One round trip for a batch of script calls. A connection error fails them all
+        (each caller maps it as before); a script Redis forgot (a restart, ``SCRIPT FLUSH``)
+        is loaded and its calls sent again."""
+        replies = await self._send(calls)
+        missing = [i for i, r in enumerate(replies)
+                   if isinstance(r, redis.exceptions.NoScriptError)]
+        if missing:
+            for script in {calls[i][0] for i in missing}:
+                await self._redis.script_load(script.script)
+            for i, reply in zip(missing, await self._send([calls[i] for i in missing]),
+                                strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send(self, calls: list[_Call]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
     def key(self, task_type: str, share_id: str) -> str:
         return f"{self._prefix}lock:{task_type}:{share_id}"
@@ -119,9 +160,9 @@ class LockManager:
         key = self.key(task_type, share_id)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}:{tag}"
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
-        keys = [key, self._fence_key] if peek is None else [key, self._fence_key, peek]
+        keys = (key, self._fence_key) if peek is None else (key, self._fence_key, peek)
         try:
-            reply = await self._acquire(keys=keys, args=[token, ttl_ms])
+            reply = await self._call(self._acquire, keys, (token, ttl_ms))
         except _UNAVAILABLE as exc:
             # If the SET did land before the connection broke, nobody owns it: the TTL frees it.
             raise TransientError(f"Redis unavailable taking lock {key}: {exc}",
@@ -221,7 +262,7 @@ class Lease:
         entered; ``async with`` releases by itself."""
         try:
             async with asyncio.timeout(min(_RELEASE_TIMEOUT_S, max(self.ttl_s, 0.5))):
-                deleted = await self._m._release(keys=[self.key], args=[self.token])
+                deleted = await self._m._call(self._m._release, (self.key,), (self.token,))
         except _UNAVAILABLE as exc:
             raise TransientError(f"Redis unavailable releasing lock {self.key}: {exc}",
                                  reason="redis_unavailable") from exc

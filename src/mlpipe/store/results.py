@@ -64,16 +64,6 @@ class FenceRefused(MlpipeError):
         self.stored_fence = stored_fence
 
 
-@dataclass(frozen=True)
-class StoredResult:
-    share_id: str
-    task_type: str
-    input_hash: str | None
-    result_data: dict[str, Any]
-    model_version: str | None
-    processing_ms: int | None
-
-
 def input_hash(task: Task) -> str:
     """Identity of a task's input: the payload without the options that only steer how it is
     run (``forceRecompute``), canonically serialised."""
@@ -83,12 +73,16 @@ def input_hash(task: Task) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-async def get(conn: DB, share_id: str,
-              task_type: str) -> StoredResult | None:
-    row = await conn.fetchrow(
-        "SELECT share_id, task_type, input_hash, result_data, model_version, processing_ms "
-        "FROM ml_results WHERE share_id = $1 AND task_type = $2", share_id, task_type)
-    return StoredResult(**dict(row)) if row else None
+async def stored_input_hashes(conn: DB, keys: list[tuple[str, str]]
+                              ) -> dict[tuple[str, str], str | None]:
+    """The input hash of the stored result of each ``(share_id, task_type)`` that has one, in
+    one statement for a batch of concurrent deliveries' stored-result checks."""
+    rows = await conn.fetch(
+        "SELECT r.share_id, r.task_type, r.input_hash FROM ml_results r "
+        "JOIN unnest($1::text[], $2::text[]) AS k(share_id, task_type) "
+        "ON r.share_id = k.share_id AND r.task_type = k.task_type",
+        [k[0] for k in keys], [k[1] for k in keys])
+    return {(r["share_id"], r["task_type"]): r["input_hash"] for r in rows}
 
 
 async def save(conn: DB, task: Task, result: HandlerResult, *,

@@ -1,10 +1,13 @@
-"""Group commit: the writes of concurrent deliveries in one statement.
+"""Group commit: the calls of concurrent deliveries in one statement or one pipeline.
 
 A delivery's result and its ``completed`` event are one statement, and marking the event
 published is another; per delivery, each is a round trip and a commit (a WAL flush) in
-Postgres. Databases reach their speed by group commit, and the daemon runs many deliveries at
-once, so ``GroupCommit`` does what per-message code cannot: while one flush is in flight the
-next writes gather, and go together in the next statement. There is no timer: a write that
+Postgres, and its lock and release are two Redis round trips. It lives outside ``effects``
+because the lock manager (``idempotency``) pipelines its calls through it too.
+
+Databases reach their speed by group commit, and the daemon runs many deliveries at once,
+so ``GroupCommit`` does what per-message code cannot: while one flush is in flight the next
+writes gather, and go together in the next statement. There is no timer: a write that
 finds no flush in flight goes at once, so a lone delivery waits for nothing, and under load a
 batch is as large as what arrived during one round trip (at most ``max_items``).
 
