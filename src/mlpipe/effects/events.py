@@ -8,7 +8,6 @@ are published without ``mandatory``: nobody has to be listening.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
@@ -33,7 +32,8 @@ def completed_event(task: Task, result: HandlerResult, message_id: str | None) -
         cost_usd=float(sum((c.usd for c in result.costs), start=0)),
         correlation_id=task.metadata.correlation_id, traceparent=task.metadata.traceparent,
         message_id=message_id, occurred_at=time.time())
-    doc: dict[str, Any] = json.loads(event.model_dump_json(by_alias=True, exclude_none=True))
+    # JSON-ready values straight from the model (no serialise-then-parse round trip)
+    doc: dict[str, Any] = event.model_dump(mode="json", by_alias=True, exclude_none=True)
     return doc
 
 
