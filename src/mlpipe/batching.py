@@ -8,7 +8,8 @@ because the lock manager (``idempotency``) pipelines its calls through it too.
 Databases reach their speed by group commit, and the daemon runs many deliveries at once,
 so ``GroupCommit`` does what per-message code cannot: while one flush is in flight the next
 writes gather, and go together in the next statement. There is no timer: a write that
-finds no flush in flight goes at once, so a lone delivery waits for nothing, and under load a
+finds a flush slot free goes at once, sent by its own caller, so a lone delivery waits for
+nothing, and under load a
 batch is as large as what arrived during one round trip (at most ``max_items``).
 
 Each delivery still gets its own answer: its rows, its own error (a refused fence), or, when
@@ -45,10 +46,30 @@ class GroupCommit(Generic[T, R]):
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
 
     async def submit(self, item: T) -> R:
+        if not self._pending and self._running < self._concurrency:
+            return await self._alone(item)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._kick()
         return await future
+
+    async def _alone(self, item: T) -> R:
+        """Nothing to gather and a flush slot free: the caller sends its item itself, from its
+        own task (no task and no future per call: at low load most batches are of one).
+        Whatever arrives meanwhile gathers for the next flush, as behind any other."""
+        self._running += 1
+        self.batch_sizes.append(1)
+        try:
+            answers = await self._flush([item])
+        finally:
+            self._running -= 1
+            self._kick()
+        if len(answers) != 1:
+            raise RuntimeError(f"a flush answered {len(answers)} of 1 items")
+        answer = answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def _kick(self) -> None:
         while self._pending and self._running < self._concurrency:

@@ -326,6 +326,13 @@ async def test_scripts_redis_forgot_are_loaded_again(locks: LockManager,
     assert all(lease is not None for lease in leases)
     await raw.script_flush()
     assert all(await asyncio.gather(*(lease.release() for lease in leases if lease)))
+    # a pipeline of several (not only a call alone) finds the scripts gone and reloads them
+    await raw.script_flush()
+    replies = await locks._pipeline([(locks._acquire, (locks.key("t", f"g{i}"), locks._fence_key),
+                                      (f"token-{i}", 5000)) for i in range(3)])
+    assert [len(r) for r in replies] == [1, 1, 1]  # each {fence}: all three taken
+    assert [await raw.get(locks.key("t", f"g{i}")) for i in range(3)] == [
+        f"token-{i}".encode() for i in range(3)]
 
 
 # --- 6. release on failure and cancellation ----------------------------------------------------

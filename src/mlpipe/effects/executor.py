@@ -349,6 +349,8 @@ class EffectsExecutor:
                                                   reservation, message_id, fence, watching)
 
     async def _check_batch(self, keys: list[tuple[str, str]]) -> list[str | None]:
+        if len(keys) == 1:
+            return [await results.stored_input_hash(self._pool, *keys[0])]
         found = await results.stored_input_hashes(self._pool, keys)
         return [found.get(k) for k in keys]
 

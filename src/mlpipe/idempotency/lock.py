@@ -128,7 +128,11 @@ class LockManager:
     async def _pipeline(self, calls: list[_Call]) -> list[Any]:
         """One round trip for a batch of script calls. A connection error fails them all
         (each caller maps it as before); a script Redis forgot (a restart, ``SCRIPT FLUSH``)
-        is loaded and its calls sent again."""
+        is loaded and its calls sent again. A batch of one is a plain call, which costs less
+        than a pipeline of one (and reloads a forgotten script by itself)."""
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return [await script(keys=list(keys), args=list(args))]
         replies = await self._send(calls)
         missing = [i for i, r in enumerate(replies)
                    if isinstance(r, redis.exceptions.NoScriptError)]

@@ -8,9 +8,8 @@ down" row of the failure table.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -74,11 +73,26 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-@contextlib.asynccontextmanager
-async def unavailable_is_transient(what: str) -> AsyncIterator[None]:
-    """Turn "database unreachable" into ``TransientError`` for the outcome decision."""
-    try:
-        yield
-    except UNAVAILABLE as exc:
-        raise TransientError(f"{what}: Postgres unavailable: {type(exc).__name__}: {exc}",
-                             reason="postgres_unavailable") from exc
+class _UnavailableIsTransient:
+    """A class, not a generator-based context manager: it wraps several steps of every
+    delivery, and a generator's set-up costs more than the step it guards (``make bench``)."""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if e is not None and isinstance(e, UNAVAILABLE):
+            raise TransientError(f"{self._what}: Postgres unavailable: {type(e).__name__}: {e}",
+                                 reason="postgres_unavailable") from e
+
+
+def unavailable_is_transient(what: str) -> _UnavailableIsTransient:
+    """``async with``: turn "database unreachable" into ``TransientError`` for the outcome
+    decision."""
+    return _UnavailableIsTransient(what)

@@ -73,6 +73,14 @@ def input_hash(task: Task) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+async def stored_input_hash(conn: DB, share_id: str, task_type: str) -> str | None:
+    """The input hash of the stored result of one ``(share_id, task_type)``, if any."""
+    value: str | None = await conn.fetchval(
+        "SELECT input_hash FROM ml_results WHERE share_id = $1 AND task_type = $2",
+        share_id, task_type)
+    return value
+
+
 async def stored_input_hashes(conn: DB, keys: list[tuple[str, str]]
                               ) -> dict[tuple[str, str], str | None]:
     """The input hash of the stored result of each ``(share_id, task_type)`` that has one, in
