@@ -154,8 +154,19 @@ async def _lose_node(cluster: RabbitCluster, node: str, queue: str, daemon: Daem
 
 
 @pytest.mark.timeout(480)
+@pytest.mark.parametrize("placement", ["random", "all_on_the_leader"])
 async def test_losing_the_leader_then_a_follower_loses_no_confirmed_task(
-        cluster: RabbitCluster, pg_dsn: str, pg_schema: str, lock_prefix: str) -> None:
+        cluster: RabbitCluster, pg_dsn: str, pg_schema: str, lock_prefix: str,
+        placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``random``: each client starts on a node of its own choosing, as in production.
+    ``all_on_the_leader``: every client starts on the first node, which so leads every queue
+    (the first to declare), and all of them fail over to the same survivor while it is being
+    elected: the case in which RabbitMQ 3.10 left the producer's channel nacking every publish
+    until the producer replaced it (``producer.NACK_RESET_INTERVAL_S``)."""
+    if placement == "all_on_the_leader":
+        import mlpipe.broker.connection
+
+        monkeypatch.setattr(mlpipe.broker.connection.random, "randrange", lambda n: 0)
     url = cluster.url
     assert len(BrokerUrl.parse(url).hosts) == 3
     settings = Settings(broker_url=url, database_url=pg_dsn, database_schema=pg_schema,
@@ -213,7 +224,9 @@ async def test_losing_the_leader_then_a_follower_loses_no_confirmed_task(
         # nothing left over, and no genuine task dead-lettered
         await wait_for(drained, timeout=30, interval=0.5, message="work queue and DLQ empty")
     print(f"{len(stream.confirmed)} confirmed, {len(handled)} handler runs, "
-          f"{len(stream.raised)} publishes raised and re-published; connections moved: {moved}")
+          f"{len(stream.raised)} publishes raised and re-published; connections moved: {moved}; "
+          f"connections replaced after a nack: producer {producer.nack_resets}, daemon "
+          f"{daemon.producer.nack_resets}")
 
 
 def _diagnosis(cluster: RabbitCluster, queue: str) -> str:

@@ -123,6 +123,49 @@ async def test_publish_fails_loudly_when_buffer_is_full_or_circuit_open(broker_u
         await producer.close()
 
 
+async def test_a_nack_raises_and_the_next_publishes_go_out_on_a_fresh_connection(
+        broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue that is full (``reject-publish``) nacks: the publish raises ``PublishNacked``
+    and the producer replaces its connection (a channel RabbitMQ keeps refusing on must not
+    be the one the caller's retry meets), at most every ``NACK_RESET_INTERVAL_S``."""
+    import aio_pika
+
+    import mlpipe.producer
+    from mlpipe.errors import PublishNacked
+
+    # an interval no loaded machine outlasts, so "within the interval" below is certain
+    monkeypatch.setattr(mlpipe.producer, "NACK_RESET_INTERVAL_S", 60.0)
+    settings = Settings(broker_url=broker_url, reconnect_base_s=0.01, reconnect_max_s=0.05)
+    async with Producer(settings, declare_topology=False) as producer:
+        conn = await aio_pika.connect(broker_url)
+        try:
+            ch = await conn.channel()
+            queue = await ch.declare_queue("", exclusive=True, arguments={
+                "x-max-length": 1, "x-overflow": "reject-publish"})
+
+            def message(i: int) -> aio_pika.Message:
+                return aio_pika.Message(f"m{i}".encode(), message_id=f"m{i}")
+
+            await producer.publish_message("", queue.name, message(0))
+            reconnects = producer.status().reconnects
+            with pytest.raises(PublishNacked, match="broker refused m1"):
+                await producer.publish_message("", queue.name, message(1))
+            assert producer.nack_resets == 1
+            await wait_for(lambda: producer.status().reconnects == reconnects + 1
+                           and producer.status().state == "connected", timeout=10,
+                           message="the publish connection replaced")
+            # within the interval a second nack keeps the (fresh) connection
+            with pytest.raises(PublishNacked):
+                await producer.publish_message("", queue.name, message(2))
+            assert producer.nack_resets == 1
+            await queue.purge()
+            receipt = await producer.publish_message("", queue.name, message(3))
+            assert receipt.attempts == 1
+            assert (await queue.get(timeout=5)).body == b"m3"
+        finally:
+            await conn.close()
+
+
 async def test_publish_on_a_channel_closed_before_its_callbacks_ran_never_blocks_the_loop(
         broker_url: str) -> None:
     """Found by ``make chaos``: after a broker restart the publisher channel reports closed
