@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from consumers.media import fetch_media
 from mlpipe.contract.models import Task, TaskType, TranscribeTask
@@ -43,9 +44,17 @@ def build_registry(settings: Settings) -> Registry:
 
     @contextlib.asynccontextmanager
     async def effects_pool() -> AsyncIterator[asyncpg.Pool]:
+        # Waits for Postgres as the daemon's own start-up does (``Effects``): a daemon that
+        # replaces a killed one may start while Postgres is down for another fault.
         path = f"{settings.database_schema}, public"
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
-                                         server_settings={"search_path": path})
+        pool: asyncpg.Pool | None = None
+        async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(UNAVAILABLE),
+                wait=wait_exponential(multiplier=0.2, max=2.0),
+                stop=stop_after_delay(settings.startup_wait_s), reraise=True):
+            with attempt:
+                pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
+                                                 server_settings={"search_path": path})
         assert pool is not None
         try:
             yield pool
