@@ -237,6 +237,39 @@ async def test_renewal_keeps_a_short_lock_alive(locks: LockManager) -> None:
     assert await locks.holder("t", "s") is None
 
 
+async def test_exit_ends_a_renewer_whose_cancellation_became_a_timeout(
+        locks: LockManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A renewal whose deadline expires as the lease exits cancels the renewer: Python 3.11's
+    ``asyncio.timeout`` then raises ``TimeoutError`` instead of ``CancelledError``. The exit
+    must still end the renewer (a CI run hung here for two minutes), and release the lock."""
+    started = asyncio.Event()
+
+    async def renewal_that_swallows_the_cancel(*, keys: object, args: object) -> int:
+        if started.is_set():
+            return 1  # later renewals succeed, as Redis answers them
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise TimeoutError("the renewal's deadline and the exit's cancel at once") from None
+        return 1
+
+    lease = await locks.acquire("t", "swallowed", ttl_s=0.6)
+    assert lease is not None
+    monkeypatch.setattr(locks, "_renew", renewal_that_swallows_the_cancel)
+
+    async def hold() -> None:
+        async with lease:
+            await started.wait()
+
+    holder = asyncio.create_task(hold())
+    done, _ = await asyncio.wait({holder}, timeout=10)
+    assert done, "the lease's exit waited on its renewer"
+    await holder
+    assert not lease.lost
+    assert await _free(locks, "swallowed")
+
+
 async def test_lost_lock_is_noticed_within_a_ttl(locks: LockManager, raw: aioredis.Redis) -> None:
     ttl = 1.0
     lease = await locks.acquire("t", "s", ttl_s=ttl)

@@ -212,6 +212,11 @@ class Lease:
         # runs end before that and never need a task of their own (``make bench``).
         self._renew_timer: asyncio.TimerHandle | None = None
         self._entered = False
+        #: Set on exit, before the renewer is cancelled: the renewer also stops on it, since
+        #: a cancellation that lands as its renewal's own deadline expires is turned into a
+        #: ``TimeoutError`` by ``asyncio.timeout`` (Python 3.11) and would be taken for a
+        #: failed renewal, leaving the exit waiting for a renewer that never ends.
+        self._closing = False
         #: The value of ``acquire``'s ``peek`` key, read with the lock.
         self.peeked: bytes | None = None
 
@@ -244,6 +249,7 @@ class Lease:
         # Both steps run to completion even if we are cancelled meanwhile (a second SIGTERM,
         # a timeout around the whole delivery): a lock left behind blocks the task for a TTL.
         interrupted = False
+        self._closing = True
         if self._renew_timer is not None:
             self._renew_timer.cancel()
             self._renew_timer = None
@@ -295,12 +301,16 @@ class Lease:
         next_at = self._confirmed_at + interval
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if self._closing:
+                return
             expires_by = self._confirmed_at + self.ttl_s
             try:
                 # A renewal still unanswered when the key has surely expired is pointless.
                 async with asyncio.timeout_at(expires_by):
                     ok = await self._m._renew(keys=[self.key], args=[self.token, ttl_ms])
             except _UNAVAILABLE as exc:
+                if self._closing:  # see ``_closing``: the lease is being released
+                    return
                 now = loop.time()
                 if now >= expires_by:
                     self._mark_lost(f"no renewal for a whole TTL: {exc!r}")
